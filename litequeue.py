@@ -1,0 +1,2376 @@
+"""litequeue: an embedded work queue that will not take down the machine it runs on.
+
+One SQLite file (WAL, through apsw) holds jobs, priorities, leases, retries, results,
+checkpoints and circuit breakers. A supervisor runs every job in its own child process under
+OS rlimits and watches memory: under pressure it sheds low-value work, checkpoints and pauses
+running work, and resumes it when pressure falls. No server, no Redis, no network.
+
+    from litequeue import Queue, Supervisor
+
+    queue = Queue("jobs.db")
+
+    @queue.task(priority="normal", max_attempts=3, memory_limit="200M")
+    def summarize(ctx, doc_id):
+        state = ctx.checkpoint or {"page": 0}
+        while state["page"] < 100:
+            state["page"] += 1
+            ctx.save(state)            # durable; the job may be paused here and resumed later
+        return {"pages": state["page"]}
+
+    summarize.enqueue(doc_id=7)
+    Supervisor(queue, slots=2, memory_budget="1G").run()
+
+How the pieces talk (nothing but the file is shared):
+
+    producers (app, cron: `litequeue.py enqueue`)
+            |  INSERT ... (BEGIN IMMEDIATE)
+            v
+    +---------------- jobs.db (SQLite, WAL) -----------------+
+    | jobs  events  tasks  breakers  supervisors  meta       |
+    +--------------------------------------------------------+
+            ^  claim / requeue / kill decisions      ^  result, checkpoint, failure
+            |                                        |  (the child's own connection)
+    Supervisor --fork--> child (rlimits) --runs--> task(ctx, **payload)
+       polls memory pressure and each child's RSS; SIGUSR1 asks a child to stop at its
+       next ctx.save(); SIGKILL after the grace period; children die with the supervisor.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import apsw
+
+__version__ = "0.1.0"
+__all__ = (
+    "Queue", "Supervisor", "Task", "Job", "Context",
+    "Error", "BadInput", "UnknownTask", "BadPriority", "BadPayload", "JobNotFound",
+    "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable",
+    "StopRequested", "parse_size", "parse_duration", "main",
+)
+
+log = logging.getLogger("litequeue")
+
+
+# ======================================================================================
+# Constants
+# ======================================================================================
+
+PRIORITIES = {"critical": 0, "high": 1, "normal": 2, "low": 3}
+PRIORITY_NAMES = {value: name for name, value in PRIORITIES.items()}
+CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
+
+QUEUED, RUNNING, DONE, DEAD, CANCELLED, SKIPPED = (
+    "queued", "running", "done", "dead", "cancelled", "skipped")
+STATES = (QUEUED, RUNNING, DONE, DEAD, CANCELLED, SKIPPED)
+FINAL_STATES = (DONE, DEAD, CANCELLED, SKIPPED)
+
+LEVELS = ("normal", "skip", "preempt", "emergency")
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
+EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
+MIGRATIONS = {}                  # {version: SQL taking a file from version to version + 1}
+
+MiB = 1 << 20
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MEMORY_LIMIT_BYTES = 400 * MiB
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
+MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
+MAX_NAME_CHARS = 200             # task names and unique keys
+LEASE_S = 10.0                   # a supervisor silent this long has lost its jobs
+SUPERVISOR_HEARTBEAT_S = 1.0
+BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
+BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
+
+
+# ======================================================================================
+# Exceptions
+# ======================================================================================
+
+class Error(Exception):
+    """Base of every error litequeue raises."""
+    exit_code = 1
+
+
+class BadInput(Error, ValueError):
+    """An argument is not acceptable; nothing was written."""
+    exit_code = EXIT_BAD_INPUT
+
+
+class UnknownTask(BadInput):
+    """No task of that name is registered here."""
+
+
+class BadPriority(BadInput):
+    """Priority is not one of critical, high, normal, low."""
+
+
+class BadPayload(BadInput):
+    """A payload, result or checkpoint is not JSON, or is too large."""
+
+
+class JobNotFound(BadInput):
+    """No job with that id."""
+
+
+class InvalidState(BadInput):
+    """The job is not in a state that allows this operation."""
+
+
+class QueueFull(Error):
+    """max_depth jobs are already queued: backpressure, nothing was written."""
+    exit_code = EXIT_QUEUE_FULL
+
+
+class LeaseLost(Error):
+    """The job is no longer running under this lease (recovered, cancelled, finished)."""
+
+
+class DatabaseUnusable(Error):
+    """The file is not a usable litequeue database (foreign, corrupt, newer, locked, full)."""
+    exit_code = EXIT_DB_UNUSABLE
+
+    def __init__(self, message, orig=None):
+        super().__init__(message)
+        self.orig = orig
+
+
+class StopRequested(BaseException):
+    """Raised by ctx.save() when a stop was asked: unwinds the task to the runner.
+
+    A BaseException so that a task's `except Exception` cannot swallow it."""
+
+
+# ======================================================================================
+# Small helpers: clock, JSON, sizes, durations
+# ======================================================================================
+
+def now():
+    """Epoch seconds. Every timestamp comes from here, so tests can freeze or shift it."""
+    return time.time()
+
+
+def dumps_json(value, what="payload"):
+    """Strict JSON text (no NaN), at most MAX_PAYLOAD_BYTES."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise BadPayload(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadPayload(f"{what} is nested too deeply to be JSON") from None
+    if len(text) > MAX_PAYLOAD_BYTES and len(text.encode()) > MAX_PAYLOAD_BYTES:
+        raise BadPayload(f"{what} is {len(text.encode())} bytes; the limit is "
+                         f"{MAX_PAYLOAD_BYTES} bytes")
+    return text
+
+
+def loads_json(text, what="payload"):
+    """Parse JSON text given by a user; errors are BadPayload."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, TypeError) as exc:
+        raise BadPayload(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadPayload(f"{what} is nested too deeply") from None
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _stored_json(text):
+    """JSON read back from our own file (written by dumps_json), or None."""
+    return None if text is None else json.loads(text)
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(value, what="size"):
+    """Bytes from 400M, 1G, 512MiB, 1.5GB or a byte count; units are binary."""
+    if isinstance(value, bool):
+        raise BadInput(f"{what}: {value!r} is not a size")
+    if isinstance(value, (int, float)):
+        number, unit = value, ""
+    else:
+        text = str(value).strip().lower()
+        for suffix in ("ib", "b", "i"):
+            if text.endswith(suffix) and text[:-len(suffix)][-1:] in "kmgt":
+                text = text[:-len(suffix)]
+                break
+        unit = text[-1:] if text[-1:] in "kmgt" else ""
+        number = text[:len(text) - len(unit)].strip()
+        try:
+            number = float(number)
+        except ValueError:
+            raise BadInput(f"{what}: {value!r} is not a size (try 400M, 1G, 512MiB)") from None
+    if not (number == number and 0 < number < float(1 << 60)):   # NaN, inf, <= 0, absurd
+        raise BadInput(f"{what}: {value!r} is not a positive size")
+    return int(number * _SIZE_UNITS[unit])
+
+
+def parse_duration(value, what="duration", allow_zero=True):
+    """Seconds from 30s, 5m, 2h, 7d, 1w or a number of seconds."""
+    if isinstance(value, bool):
+        raise BadInput(f"{what}: {value!r} is not a duration")
+    if isinstance(value, (int, float)):
+        number, unit = value, ""
+    else:
+        text = str(value).strip().lower()
+        unit = text[-1:] if text[-1:] in "smhdw" else ""
+        try:
+            number = float(text[:len(text) - len(unit)])
+        except ValueError:
+            raise BadInput(f"{what}: {value!r} is not a duration (try 30s, 5m, 7d)") from None
+    seconds = number * _DURATION_UNITS[unit]
+    if not (seconds == seconds and abs(seconds) < 1e12):           # NaN, inf, absurd
+        raise BadInput(f"{what}: {value!r} is not a finite duration")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise BadInput(f"{what}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    return float(seconds)
+
+
+def parse_priority(value):
+    """0..3 from a name or a number."""
+    if isinstance(value, str) and value.strip().lower() in PRIORITIES:
+        return PRIORITIES[value.strip().lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and value in PRIORITY_NAMES:
+        return value
+    raise BadPriority(f"unknown priority {value!r}: use critical, high, normal or low")
+
+
+def parse_positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"{what}: {value!r} must be a whole number >= 1")
+    return value
+
+
+def check_name(value, what="task name"):
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS or "\0" in value:
+        raise BadInput(f"{what} must be a non-empty string of at most {MAX_NAME_CHARS} "
+                       f"characters without NUL, not {value!r:.60}")
+    return value
+
+
+def format_bytes(n):
+    return f"{n / MiB:.0f} MiB" if n is not None else "-"
+
+
+def default_db_path():
+    return os.environ.get("LITEQUEUE_DB") or "litequeue.db"
+
+
+# ======================================================================================
+# Storage: connect, transactions, schema and migrations
+# ======================================================================================
+
+def _translate(exc, path):
+    """A DatabaseUnusable with a message a user can act on, keeping apsw's error."""
+    reasons = [
+        (apsw.BusyError, "is locked by another process past the busy timeout"),
+        (apsw.LockedError, "is locked"),
+        (apsw.FullError, "cannot grow: the disk is full"),
+        (apsw.ReadOnlyError, "is read-only (check the file's and its directory's permissions)"),
+        (apsw.NotADBError, "is not a SQLite database"),
+        (apsw.CorruptError, "is corrupt"),
+        (apsw.CantOpenError, "cannot be opened (missing directory or no permission)"),
+        (apsw.IOError, "had an I/O error"),
+        (apsw.PermissionsError, "cannot be accessed: permission denied"),
+    ]
+    for kind, text in reasons:
+        if isinstance(exc, kind):
+            return DatabaseUnusable(f"database {path} {text}", orig=exc)
+    return DatabaseUnusable(f"database {path} is unusable: {exc}", orig=exc)
+
+
+def _schema_sql():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")) as f:
+        return f.read()
+
+
+def _create_database(path):
+    """Make a complete litequeue file at path, owner-only, atomically.
+
+    The file is built under a temporary name and linked into place, so no other process
+    ever sees a half-made file, and two processes creating it at once both end up with the
+    same complete file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise DatabaseUnusable(f"cannot create database {path}: directory {directory} does not exist")
+    temp = f"{path}.{os.getpid()}.{random.randrange(1 << 30)}.new"
+    try:
+        os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise DatabaseUnusable(f"cannot create database {path}: {exc.strerror}") from None
+    try:
+        conn = apsw.Connection(temp)
+        try:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")   # purge can give pages back
+            conn.execute("PRAGMA journal_mode = WAL")
+            with _transaction(conn, temp):
+                conn.execute(_schema_sql())
+                for _, defaults in builtin_catalogue():
+                    _store_catalogue_row(conn, defaults, now())
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            conn.close()
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            pass                      # another process made it first: use theirs
+    except apsw.Error as exc:
+        raise _translate(exc, path) from None
+    finally:
+        for leftover in (temp, temp + "-wal", temp + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _check_identity(conn, path):
+    """Refuse foreign, empty and newer files; migrate older ones. Reads only, unless migrating."""
+    app_id = conn.execute("PRAGMA application_id").fetchall()[0][0]
+    version = conn.execute("PRAGMA user_version").fetchall()[0][0]
+    if app_id != APPLICATION_ID:
+        tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()[0][0]
+        what = "an empty file" if not tables else "a SQLite database of another program"
+        raise DatabaseUnusable(f"{path} is {what}, not a litequeue database; refusing to touch it")
+    if version > SCHEMA_VERSION:
+        raise DatabaseUnusable(f"{path} has schema version {version}, newer than this "
+                               f"litequeue ({__version__}, schema {SCHEMA_VERSION}); upgrade litequeue")
+    if version < SCHEMA_VERSION:
+        _migrate(conn, path, version)
+
+
+def _migrate(conn, path, version):
+    """Walk the user_version ladder one step at a time, all in one transaction."""
+    with _transaction(conn, path):
+        current = conn.execute("PRAGMA user_version").fetchall()[0][0]   # another may have won
+        for step in range(current, SCHEMA_VERSION):
+            if step not in MIGRATIONS:
+                raise DatabaseUnusable(f"{path} has schema version {step}, which this "
+                                       f"litequeue cannot migrate")
+            conn.execute(MIGRATIONS[step])
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S):
+    """An apsw connection to a checked litequeue file, created (0600) if missing."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DatabaseUnusable(f"{path} is a directory, not a database file")
+    if not os.path.exists(path):
+        _create_database(path)
+    try:
+        # READWRITE without CREATE: a file deleted under us is an error, never a new empty file.
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+        conn.set_busy_timeout(int(busy_timeout_s * 1000))
+        _check_identity(conn, path)
+        if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit that returned survives power loss. NORMAL: survives any process
+        # crash, and the last commits may roll back on power loss; no fsync per commit.
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        # Keep the WAL from staying large after a burst once it has been checkpointed.
+        conn.execute("PRAGMA journal_size_limit = 4194304")
+        return conn
+    except apsw.Error as exc:
+        raise _translate(exc, path) from None
+
+
+@contextlib.contextmanager
+def _transaction(conn, path):
+    """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front, so a busy file waits in the
+    busy handler instead of failing mid-transaction with 'database is locked'."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except apsw.Error as exc:
+        raise _translate(exc, path) from None
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(apsw.Error):
+            conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except apsw.Error as exc:
+        with contextlib.suppress(apsw.Error):
+            conn.execute("ROLLBACK")
+        raise _translate(exc, path) from None
+
+
+def _rows(cursor):
+    """A cursor's rows as dicts, read to the end so no read transaction stays open."""
+    names = None
+    out = []
+    for row in cursor:
+        if names is None:
+            names = [d[0] for d in cursor.get_description()]
+        out.append(dict(zip(names, row)))
+    return out
+
+
+# ======================================================================================
+# Jobs, tasks and the task context
+# ======================================================================================
+
+class Job:
+    """A snapshot of one job row. Field names are the column names; JSON columns decoded,
+    and `priority` given by name."""
+
+    __slots__ = ("id", "task", "payload", "priority", "state", "unique_key", "attempts",
+                 "max_attempts", "timeout_s", "memory_limit_bytes", "shed", "created_at",
+                 "due_at", "expires_at", "started_at", "finished_at", "owner", "pid",
+                 "cancel_requested", "preemptions", "recoveries", "result", "error",
+                 "checkpoint", "checkpoint_at", "progress_done", "progress_total")
+
+    def __init__(self, row):
+        for name in self.__slots__:
+            setattr(self, name, row.get(name))
+        self.payload = _stored_json(row.get("payload"))
+        self.result = _stored_json(row.get("result"))
+        self.checkpoint = _stored_json(row.get("checkpoint"))
+        self.priority = PRIORITY_NAMES[row["priority"]]
+        self.shed = bool(row.get("shed"))
+        self.cancel_requested = bool(row.get("cancel_requested"))
+
+    @property
+    def priority_value(self):
+        return PRIORITIES[self.priority]
+
+    def to_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self):
+        return f"<Job {self.id} {self.task} {self.state} attempts={self.attempts}>"
+
+
+class TaskDefaults:
+    """A task's declared defaults, as stored in the catalogue."""
+
+    __slots__ = ("name", "priority", "max_attempts", "timeout_s", "memory_limit_bytes",
+                 "ttl_s", "shed", "unique_task")
+
+    def __init__(self, name, priority=NORMAL, max_attempts=DEFAULT_MAX_ATTEMPTS, timeout_s=None,
+                 memory_limit_bytes=None, ttl_s=None, shed=False, unique_task=False):
+        self.name = check_name(name)
+        self.priority = parse_priority(priority)
+        self.max_attempts = parse_positive_int(max_attempts, "max_attempts")
+        self.timeout_s = None if timeout_s is None else parse_duration(timeout_s, "timeout",
+                                                                       allow_zero=False)
+        self.memory_limit_bytes = (None if memory_limit_bytes is None
+                                   else parse_size(memory_limit_bytes, "memory_limit"))
+        self.ttl_s = None if ttl_s is None else parse_duration(ttl_s, "ttl", allow_zero=False)
+        self.shed = bool(shed)
+        self.unique_task = bool(unique_task)
+
+    def as_row(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other):
+        return isinstance(other, TaskDefaults) and self.as_row() == other.as_row()
+
+
+def _store_catalogue_row(conn, defaults, at):
+    conn.execute(
+        "INSERT INTO tasks (name, priority, max_attempts, timeout_s, memory_limit_bytes, ttl_s,"
+        " shed, unique_task, updated_at) VALUES (:name, :priority, :max_attempts, :timeout_s,"
+        " :memory_limit_bytes, :ttl_s, :shed, :unique_task, :at)"
+        " ON CONFLICT (name) DO UPDATE SET priority = excluded.priority,"
+        " max_attempts = excluded.max_attempts, timeout_s = excluded.timeout_s,"
+        " memory_limit_bytes = excluded.memory_limit_bytes, ttl_s = excluded.ttl_s,"
+        " shed = excluded.shed, unique_task = excluded.unique_task,"
+        " updated_at = excluded.updated_at",
+        {**defaults.as_row(), "at": at})
+
+
+class Task:
+    """A registered task: the function plus its defaults. Call it to run it directly."""
+
+    def __init__(self, queue, fn, defaults):
+        self.queue, self.fn, self.defaults = queue, fn, defaults
+        self.name = defaults.name
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def enqueue(self, **payload):
+        """Enqueue with keyword arguments as the payload and the declared defaults."""
+        return self.queue.enqueue(self.name, payload or None)
+
+    def enqueue_with(self, payload=None, **options):
+        """Enqueue with per-job options (priority, unique, delay, ttl, ...)."""
+        return self.queue.enqueue(self.name, payload, **options)
+
+    def __repr__(self):
+        return f"<Task {self.name}>"
+
+
+class Context:
+    """What a running task sees: its job, last checkpoint, and the way to save progress."""
+
+    def __init__(self, queue, job, owner):
+        self.job = job
+        self.job_id = job.id
+        self.payload = job.payload
+        self.attempt = job.attempts
+        self.checkpoint = job.checkpoint
+        self._queue, self._owner = queue, owner
+        self._stop_asked = False
+        self._progress_written_at = 0.0
+
+    @property
+    def stopping(self):
+        """True once a stop (preemption, shutdown, cancel) was asked: reach save() soon."""
+        return self._stop_asked
+
+    def ask_stop(self):
+        self._stop_asked = True
+
+    def save(self, state):
+        """Store state durably as the job's checkpoint. If a stop was asked, does not return:
+        the job ends here and later resumes from this state."""
+        self._queue.save_checkpoint(self.job_id, self._owner, self.attempt, state)
+        self.checkpoint = state
+        if self._stop_asked:
+            raise StopRequested()
+
+    def progress(self, done, total=None):
+        """Report progress for `status`; written at most twice a second."""
+        at = now()
+        if at - self._progress_written_at >= 0.5 or (total is not None and done >= total):
+            self._progress_written_at = at
+            self._queue.set_progress(self.job_id, self._owner, self.attempt, done, total)
+
+
+def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.random):
+    """Delay before retry number `attempts`: doubling from base, capped, with +-20% jitter so
+    that jobs failing together do not retry together."""
+    delay = min(cap_s, base_s * (2 ** max(0, attempts - 1)))
+    return min(cap_s, delay * (0.8 + 0.4 * rand()))
+
+
+# ======================================================================================
+# Queue: the public API
+# ======================================================================================
+
+class Queue:
+    """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task."""
+
+    def __init__(self, path=None, max_depth=None, *, durable=True,
+                 busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None):
+        self.path = os.fspath(path) if path is not None else default_db_path()
+        self.durable = durable
+        self.busy_timeout_s = parse_duration(busy_timeout, "busy_timeout")
+        self.breaker_policy = breaker or BreakerPolicy()
+        self.registry = {}
+        self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s)
+        if max_depth is not None:
+            self.set_max_depth(max_depth)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _tx(self):
+        return _transaction(self.conn, self.path)
+
+    def _read(self, sql, params=()):
+        try:
+            return _rows(self.conn.execute(sql, params))
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def _event(self, at, job_id, task, kind, from_state, to_state, reason=None, pressure=None):
+        self.conn.execute(
+            "INSERT INTO events (at, job_id, task, kind, from_state, to_state, reason, pressure)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, job_id, task, kind, from_state, to_state, reason, pressure))
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Queue {self.path}>"
+
+    # -- settings stored in the file ----------------------------------------------------
+
+    def set_max_depth(self, max_depth):
+        """Store the file's queued-job limit (0 = unbounded); every producer obeys it."""
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+            raise BadInput(f"max_depth must be a whole number >= 0, not {max_depth!r}")
+        with self._tx():
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('max_depth', ?)"
+                              " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                              (str(max_depth),))
+
+    @property
+    def max_depth(self):
+        rows = self._read("SELECT value FROM meta WHERE key = 'max_depth'")
+        return int(rows[0]["value"]) if rows else 0
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def task(self, fn=None, *, name=None, priority="normal", max_attempts=DEFAULT_MAX_ATTEMPTS,
+             timeout=None, memory_limit=None, ttl=None, shed=False, unique=False):
+        """Register a task (decorator, with or without arguments) and store its defaults in
+        the file's catalogue."""
+        def register(func):
+            defaults = TaskDefaults(name or func.__name__, priority, max_attempts, timeout,
+                                    memory_limit, ttl, shed, unique)
+            task = Task(self, func, defaults)
+            self.registry[task.name] = task
+            self.store_catalogue([defaults])
+            return task
+        return register(fn) if fn is not None else register
+
+    def store_catalogue(self, defaults_list):
+        """Write declared task defaults where they differ from what the file holds."""
+        stored = self.catalogue()
+        changed = [d for d in defaults_list if stored.get(d.name) != d]
+        if changed:
+            with self._tx():
+                at = now()
+                for defaults in changed:
+                    _store_catalogue_row(self.conn, defaults, at)
+
+    def catalogue(self):
+        """{name: TaskDefaults} of every task this file knows."""
+        rows = self._read("SELECT name, priority, max_attempts, timeout_s, memory_limit_bytes,"
+                          " ttl_s, shed, unique_task FROM tasks")
+        return {row["name"]: TaskDefaults(**row) for row in rows}
+
+    def _defaults_for(self, name):
+        task = self.registry.get(name)
+        if task is not None:
+            return task.defaults, True
+        rows = self._read("SELECT name, priority, max_attempts, timeout_s, memory_limit_bytes,"
+                          " ttl_s, shed, unique_task FROM tasks WHERE name = ?", (name,))
+        if rows:
+            return TaskDefaults(**rows[0]), True
+        return TaskDefaults(name), False
+
+    def is_known_task(self, name):
+        return self._defaults_for(check_name(name))[1]
+
+    # -- enqueue ------------------------------------------------------------------------
+
+    def enqueue(self, task, payload=None, *, priority=None, unique=None, delay=None, ttl=None,
+                max_attempts=None, timeout=None, memory_limit=None):
+        """Add a job and return its id (or the id of the waiting job holding the same unique
+        key). Raises QueueFull when max_depth jobs are queued."""
+        at = now()
+        row = self._job_row(task, payload, priority, unique, delay, ttl, max_attempts,
+                            timeout, memory_limit, at)
+        with self._tx():
+            existing = self._holder_of(row["unique_key"], at)
+            if existing is not None:
+                return existing
+            self._check_depth(1)
+            return self._insert_job(row)
+
+    def enqueue_many(self, jobs):
+        """Enqueue a batch in one transaction; all or nothing. Each item is a task name, a
+        (task, payload) pair, or a dict of enqueue's arguments. Returns the ids in order."""
+        at = now()
+        rows = [self._job_row(**self._as_enqueue_args(item), at=at) for item in jobs]
+        with self._tx():
+            ids, new_rows = [None] * len(rows), []
+            for index, row in enumerate(rows):
+                ids[index] = self._holder_of(row["unique_key"], at)
+                if ids[index] is None:
+                    new_rows.append((index, row))
+            self._check_depth(len(new_rows))
+            for index, row in new_rows:
+                ids[index] = self._holder_of(row["unique_key"], at) or self._insert_job(row)
+            return ids
+
+    @staticmethod
+    def _as_enqueue_args(item):
+        if isinstance(item, str):
+            return {"task": item}
+        if isinstance(item, dict):
+            return dict(item)
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            return {"task": item[0], "payload": item[1]}
+        raise BadInput(f"enqueue_many: cannot read {item!r:.60} as a job")
+
+    def _job_row(self, task, payload=None, priority=None, unique=None, delay=None, ttl=None,
+                 max_attempts=None, timeout=None, memory_limit=None, at=None):
+        """Validate everything before any write: bad input changes nothing."""
+        defaults, _ = self._defaults_for(check_name(task))
+        delay_s = 0.0 if delay is None else parse_duration(delay, "delay")
+        ttl_s = defaults.ttl_s if ttl is None else parse_duration(ttl, "ttl", allow_zero=False)
+        if unique is None or unique is False:
+            unique_key = task if (unique is None and defaults.unique_task) else None
+        elif unique is True:
+            unique_key = task
+        else:
+            unique_key = check_name(unique, "unique key")
+        due_at = at + delay_s
+        return {
+            "task": task,
+            "payload": dumps_json(payload),
+            "priority": defaults.priority if priority is None else parse_priority(priority),
+            "unique_key": unique_key,
+            "max_attempts": (defaults.max_attempts if max_attempts is None
+                             else parse_positive_int(max_attempts, "max_attempts")),
+            "timeout_s": (defaults.timeout_s if timeout is None
+                          else parse_duration(timeout, "timeout", allow_zero=False)),
+            "memory_limit_bytes": (defaults.memory_limit_bytes if memory_limit is None
+                                   else parse_size(memory_limit, "memory_limit")),
+            "shed": int(defaults.shed),
+            "created_at": at,
+            "due_at": due_at,
+            "expires_at": None if ttl_s is None else due_at + ttl_s,
+        }
+
+    def _holder_of(self, unique_key, at):
+        """Id of the active job holding unique_key; an expired waiting holder is skipped first,
+        so a stale heartbeat never blocks the next one."""
+        if unique_key is None:
+            return None
+        rows = _rows(self.conn.execute(
+            "SELECT id, state, expires_at, task FROM jobs WHERE unique_key = ?"
+            " AND state IN ('queued', 'running')", (unique_key,)))
+        for row in rows:
+            if row["state"] == QUEUED and row["expires_at"] is not None and row["expires_at"] <= at:
+                self._finish(row["id"], row["task"], QUEUED, SKIPPED, at, "expired")
+            else:
+                return row["id"]
+        return None
+
+    def _check_depth(self, adding):
+        if not adding:
+            return
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'max_depth'").fetchall()
+        max_depth = int(row[0][0]) if row else 0
+        if max_depth <= 0:
+            return
+        # Counting stops at max_depth: cost is bounded by the limit, not the queue size.
+        queued = self.conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' LIMIT ?)",
+            (max_depth,)).fetchall()[0][0]
+        if queued + adding > max_depth:
+            raise QueueFull(f"queue is full: {queued} jobs queued, max_depth is {max_depth}")
+
+    def _insert_job(self, row):
+        self.conn.execute(
+            "INSERT INTO jobs (task, payload, priority, state, unique_key, max_attempts,"
+            " timeout_s, memory_limit_bytes, shed, created_at, due_at, expires_at)"
+            " VALUES (:task, :payload, :priority, 'queued', :unique_key, :max_attempts,"
+            " :timeout_s, :memory_limit_bytes, :shed, :created_at, :due_at, :expires_at)", row)
+        return self.conn.last_insert_rowid()
+
+    def _finish(self, job_id, task, from_state, to_state, at, reason, error=None):
+        """Move a job to a final state (inside a transaction) and record it."""
+        self.conn.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, owner = NULL, pid = NULL,"
+            " error = coalesce(?, error) WHERE id = ?", (to_state, at, error or reason, job_id))
+        self._event(at, job_id, task, "job", from_state, to_state, reason)
+
+    # -- inspect ------------------------------------------------------------------------
+
+    def get(self, job_id):
+        """The job with that id; JobNotFound if there is none."""
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (self._job_id(job_id),))
+        if not rows:
+            raise JobNotFound(f"no job {job_id}")
+        return Job(rows[0])
+
+    @staticmethod
+    def _job_id(job_id):
+        try:
+            value = int(job_id)
+        except (TypeError, ValueError):
+            raise BadInput(f"job id must be a whole number, not {job_id!r:.40}") from None
+        if isinstance(job_id, bool) or value < 1 or value >= 1 << 63:
+            raise JobNotFound(f"no job {job_id}")
+        return value
+
+    def jobs(self, state=None, task=None, limit=100):
+        """Jobs, newest first, filtered by state and/or task."""
+        clauses, params = [], []
+        if state is not None:
+            if state not in STATES:
+                raise BadInput(f"unknown state {state!r}: use one of {', '.join(STATES)}")
+            clauses.append("state = ?")
+            params.append(state)
+        if task is not None:
+            clauses.append("task = ?")
+            params.append(task)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(-1 if limit is None else parse_positive_int(limit, "limit"))
+        return [Job(r) for r in self._read(
+            f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", params)]
+
+    def events(self, job_id=None, kind=None, limit=1000):
+        """Recorded events, oldest first."""
+        clauses, params = [], []
+        if job_id is not None:
+            clauses.append("job_id = ?")
+            params.append(job_id)
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return self._read(f"SELECT * FROM events {where} ORDER BY id LIMIT ?", params + [limit])
+
+    def stats(self):
+        """{"jobs": counts by state, "priorities": {priority: {state: n}}}."""
+        counts = {state: 0 for state in STATES}
+        by_priority = {name: {} for name in PRIORITIES}
+        for row in self._read("SELECT state, priority, count(*) AS n FROM jobs"
+                              " GROUP BY state, priority"):
+            counts[row["state"]] += row["n"]
+            by_priority[PRIORITY_NAMES[row["priority"]]][row["state"]] = row["n"]
+        return {"jobs": counts, "priorities": by_priority}
+
+    # -- steer --------------------------------------------------------------------------
+
+    def cancel(self, job_id):
+        """Cancel a job. Queued: cancelled now. Running: its supervisor is asked to stop it
+        (like a preemption), kill it after the grace period, and mark it cancelled.
+        Returns the job's state after the call."""
+        job = self.get(job_id)
+        with self._tx():
+            at = now()
+            row = self.conn.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchall()
+            state = row[0][0]
+            if state == QUEUED:
+                self._finish(job.id, job.task, QUEUED, CANCELLED, at, "cancelled")
+                return CANCELLED
+            if state == RUNNING:
+                self.conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
+                self._event(at, job.id, job.task, "decision", RUNNING, RUNNING, "cancel requested")
+                return RUNNING
+        raise InvalidState(f"job {job.id} is {state}; only queued or running jobs can be cancelled")
+
+    def retry(self, job_id):
+        """Put a dead, skipped or cancelled job back to queued with fresh attempts."""
+        job = self.get(job_id)
+        if job.state not in (DEAD, SKIPPED, CANCELLED):
+            raise InvalidState(f"job {job.id} is {job.state}; only dead, skipped or cancelled "
+                               f"jobs can be retried")
+        with self._tx():
+            at = now()
+            if job.unique_key is not None and self._holder_of(job.unique_key, at) is not None:
+                raise InvalidState(f"job {job.id} cannot be retried: another active job holds "
+                                   f"its unique key {job.unique_key!r}")
+            expires_at = (None if job.expires_at is None
+                          else at + (job.expires_at - job.due_at))
+            changed = self.conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, due_at = ?, expires_at = ?,"
+                " finished_at = NULL, cancel_requested = 0 WHERE id = ? AND state = ?",
+                (at, expires_at, job.id, job.state))
+            if not self.conn.changes():
+                raise InvalidState(f"job {job.id} changed state meanwhile; try again")
+            del changed
+            self._event(at, job.id, job.task, "job", job.state, QUEUED, "retried by hand")
+        return job.id
+
+    def purge(self, older_than, *, at=None):
+        """Delete final jobs that finished more than older_than ago, with their events and
+        checkpoints. Returns how many jobs were deleted."""
+        cutoff = (now() if at is None else at) - parse_duration(older_than, "older_than")
+        deleted = 0
+        while True:     # in batches, so producers never wait long for the write lock
+            with self._tx():
+                ids = [r[0] for r in self.conn.execute(
+                    "SELECT id FROM jobs WHERE finished_at < ? AND state IN"
+                    " ('done', 'dead', 'cancelled', 'skipped') LIMIT 2000", (cutoff,))]
+                if ids:
+                    marks = ",".join("?" * len(ids))
+                    self.conn.execute(f"DELETE FROM events WHERE job_id IN ({marks})", ids)
+                    self.conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
+                else:
+                    self.conn.execute("DELETE FROM events WHERE job_id IS NULL AND at < ?",
+                                      (cutoff,))
+            deleted += len(ids)
+            if len(ids) < 2000:
+                break
+        try:
+            self.conn.execute("PRAGMA incremental_vacuum").fetchall()
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+        return deleted
+
+    def checkpoint_wal(self):
+        """Fold the WAL back into the file and truncate it (retention; long runs)."""
+        try:
+            return self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        except apsw.BusyError:
+            return None            # a reader holds an old snapshot; the next round will do it
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    # -- the worker side: claim, complete, fail, release, checkpoints --------------------
+
+    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
+        """Atomically take up to `limit` due jobs (priority, then due time, then id) for
+        `owner`, skipping tasks behind an open breaker. Each claim charges one attempt."""
+        at = now() if at is None else at
+        served = None if tasks is None else json.dumps(sorted(tasks))
+        claimed = []
+        with self._tx():
+            blocked, trial_tasks = breakers_blocking(self.conn, at)
+            for priority in sorted(priorities):
+                while len(claimed) < limit:
+                    row = self._next_due(priority, at, served, blocked)
+                    if row is None:
+                        break
+                    if row["task"] in trial_tasks:
+                        begin_trial(self, row["task"], row["id"], at)
+                        blocked.add(row["task"])           # exactly one trial job
+                    self.conn.execute(
+                        "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
+                        " attempts = attempts + 1, pid = NULL WHERE id = ?",
+                        (owner, at, row["id"]))
+                    self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
+                    claimed.append(row["id"])
+            if not claimed:
+                return []
+            marks = ",".join("?" * len(claimed))
+            rows = _rows(self.conn.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", claimed))
+        order = {job_id: i for i, job_id in enumerate(claimed)}
+        return sorted((Job(r) for r in rows), key=lambda job: order[job.id])
+
+    def _next_due(self, priority, at, served, blocked):
+        # One range scan of the claim index per priority: cost does not grow with the queue.
+        sql = ("SELECT id, task FROM jobs WHERE state = 'queued' AND priority = ?"
+               " AND due_at <= ? AND (expires_at IS NULL OR expires_at > ?)")
+        params = [priority, at, at]
+        if served is not None:
+            sql += " AND task IN (SELECT value FROM json_each(?))"
+            params.append(served)
+        if blocked:
+            sql += " AND task NOT IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(sorted(blocked)))
+        rows = _rows(self.conn.execute(sql + " ORDER BY due_at, id LIMIT 1", params))
+        return rows[0] if rows else None
+
+    def has_due(self, *, tasks=None, at=None):
+        """Is any job of these tasks claimable now (ignoring memory pressure)?"""
+        at = now() if at is None else at
+        served = None if tasks is None else json.dumps(sorted(tasks))
+        with self._tx():
+            blocked, _ = breakers_blocking(self.conn, at)
+            return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
+
+    def _running_job(self, job_id, owner, attempt):
+        """The job if it still runs under this lease, else None."""
+        rows = _rows(self.conn.execute(
+            "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND owner = ? AND attempts = ?",
+            (job_id, owner, attempt)))
+        return Job(rows[0]) if rows else None
+
+    def _leased(self, job_id, owner, attempt):
+        job = self._running_job(job_id, owner, attempt)
+        if job is None:
+            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+        return job
+
+    def complete(self, job_id, owner, attempt, result=None):
+        """Mark a leased job done with its JSON result."""
+        text = dumps_json(result, "result")
+        with self._tx():
+            at = now()
+            job = self._leased(job_id, owner, attempt)
+            self.conn.execute(
+                "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
+                " pid = NULL, error = NULL WHERE id = ?", (text, at, job_id))
+            self._event(at, job_id, job.task, "job", RUNNING, DONE, None)
+            breaker_success(self, job.task, job_id, at)
+            if job.task == "heartbeat":
+                self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
+                                  " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                                  (repr(at),))
+
+    def fail(self, job_id, owner, attempt, error, *, retryable=True, breaker_failure=True):
+        """Record a failure of a leased job: retry later with backoff while attempts remain,
+        else dead with the error kept. Returns the new state."""
+        with self._tx():
+            at = now()
+            job = self._leased(job_id, owner, attempt)
+            if breaker_failure:
+                breaker_failed(self, job.task, job_id, at)
+            else:
+                breaker_release_trial(self, job.task, job_id, at)
+            if retryable and job.attempts < job.max_attempts:
+                self.conn.execute(
+                    "UPDATE jobs SET state = 'queued', error = ?, due_at = ?, owner = NULL,"
+                    " pid = NULL WHERE id = ?", (error, at + backoff_s(job.attempts), job_id))
+                self._event(at, job_id, job.task, "job", RUNNING, QUEUED,
+                            f"attempt {job.attempts} failed: {_first_line(error)}")
+                return QUEUED
+            self._finish(job_id, job.task, RUNNING, DEAD, at, _first_line(error), error=error)
+            return DEAD
+
+    def requeue(self, job_id, owner, attempt, reason, *, charge, preempted=False,
+                recovered=False, pressure=None):
+        """Give a running job back to the queue with its checkpoint (preemption, shutdown).
+        Not charged: the attempt is refunded. Charged and out of attempts: dead."""
+        with self._tx():
+            at = now()
+            job = self._leased(job_id, owner, attempt)
+            breaker_release_trial(self, job.task, job_id, at)
+            if charge and job.attempts >= job.max_attempts:
+                self._finish(job_id, job.task, RUNNING, DEAD, at, reason)
+                return DEAD
+            self.conn.execute(
+                "UPDATE jobs SET state = 'queued', owner = NULL, pid = NULL,"
+                " attempts = attempts - ?, preemptions = preemptions + ?,"
+                " recoveries = recoveries + ? WHERE id = ?",
+                (0 if charge else 1, int(preempted), int(recovered), job_id))
+            self._event(at, job_id, job.task, "job", RUNNING, QUEUED, reason, pressure)
+            return QUEUED
+
+    def finish_cancelled(self, job_id, owner, attempt):
+        """A running job whose cancel was asked has stopped: cancelled."""
+        with self._tx():
+            at = now()
+            job = self._leased(job_id, owner, attempt)
+            breaker_release_trial(self, job.task, job_id, at)
+            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
+
+    def save_checkpoint(self, job_id, owner, attempt, state):
+        """Store a running job's checkpoint durably (called by the child itself)."""
+        text = dumps_json(state, "checkpoint")
+        with self._tx():
+            self.conn.execute(
+                "UPDATE jobs SET checkpoint = ?, checkpoint_at = ? WHERE id = ?"
+                " AND state = 'running' AND owner = ? AND attempts = ?",
+                (text, now(), job_id, owner, attempt))
+            if not self.conn.changes():
+                raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+
+    def load_checkpoint(self, job_id):
+        return self.get(job_id).checkpoint
+
+    def set_progress(self, job_id, owner, attempt, done, total=None):
+        with self._tx():
+            self.conn.execute(
+                "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
+                " AND state = 'running' AND owner = ? AND attempts = ?",
+                (done, total, job_id, owner, attempt))
+
+    def shed_due(self, *, tasks=None, at=None, pressure=None):
+        """Skip every due low-priority job of a shed=True task (memory pressure)."""
+        return self._skip_where(
+            "priority = 3 AND shed = 1 AND due_at <= :at", tasks, at, "shed under memory pressure",
+            pressure)
+
+    def expire(self, *, at=None):
+        """Skip every waiting job whose TTL ran out, whatever else holds it back."""
+        return self._skip_where("expires_at IS NOT NULL AND expires_at <= :at", None, at,
+                                "expired", None)
+
+    def _skip_where(self, condition, tasks, at, reason, pressure):
+        at = now() if at is None else at
+        params = {"at": at, "tasks": None if tasks is None else json.dumps(sorted(tasks))}
+        task_clause = "" if tasks is None else " AND task IN (SELECT value FROM json_each(:tasks))"
+        select = f"SELECT id, task FROM jobs WHERE state = 'queued' AND {condition}{task_clause}"
+        if not self._read(select + " LIMIT 1", params):
+            return []                   # the common case stays a read, with no write lock
+        with self._tx():
+            rows = _rows(self.conn.execute(select, params))
+            for row in rows:
+                self.conn.execute("UPDATE jobs SET state = 'skipped', finished_at = ?,"
+                                  " error = ? WHERE id = ?", (at, reason, row["id"]))
+                self._event(at, row["id"], row["task"], "job", QUEUED, SKIPPED, reason, pressure)
+        return [row["id"] for row in rows]
+
+    def record_event(self, kind, from_state, to_state, reason, *, job_id=None, task=None,
+                     pressure=None):
+        """A supervisor decision or level change, kept with the jobs it concerns."""
+        with self._tx():
+            self._event(now(), job_id, task, kind, from_state, to_state, reason, pressure)
+
+    # -- status -------------------------------------------------------------------------
+
+    def live_supervisors(self, at=None):
+        at = now() if at is None else at
+        return self._read("SELECT * FROM supervisors WHERE heartbeat_at > ?", (at - LEASE_S,))
+
+    def status(self, at=None):
+        """Everything `status` shows, as one dict (the keys of `status --json`)."""
+        at = now() if at is None else at
+        stats = self.stats()
+        supervisors = self.live_supervisors(at)
+        served = set()
+        rss_by_job = {}
+        for sup in supervisors:
+            served.update(json.loads(sup["tasks"]))
+            for item in json.loads(sup["running"]):
+                rss_by_job[item["id"]] = item.get("rss_bytes")
+        running = [{
+            "id": r["id"], "task": r["task"], "priority": PRIORITY_NAMES[r["priority"]],
+            "started_at": r["started_at"], "attempts": r["attempts"],
+            "rss_bytes": rss_by_job.get(r["id"]),
+            "progress": (None if r["progress_done"] is None
+                         else {"done": r["progress_done"], "total": r["progress_total"]}),
+        } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
+        waiting = [r["task"] for r in self._read(
+            "SELECT DISTINCT task FROM jobs WHERE state = 'queued'")]
+        heartbeat = self._read("SELECT value FROM meta WHERE key = 'heartbeat_at'")
+        return {
+            "jobs": stats["jobs"],
+            "priorities": stats["priorities"],
+            "running": running,
+            "memory": self._memory_status(supervisors),
+            "breakers": {b["task"]: effective_breaker_state(b, at)
+                         for b in self._read("SELECT * FROM breakers ORDER BY task")},
+            "heartbeat_age": (None if not heartbeat
+                              else round(max(0.0, at - float(heartbeat[0]["value"])), 3)),
+            "supervisors": [{"id": s["id"], "pid": s["pid"], "level": s["level"],
+                             "pressure": s["pressure"], "heartbeat_age":
+                             round(at - s["heartbeat_at"], 3)} for s in supervisors],
+            "unserved": sorted(task for task in waiting if task not in served),
+            "max_depth": self.max_depth,
+        }
+
+    @staticmethod
+    def _memory_status(supervisors):
+        readings = [s for s in supervisors if s["pressure"] is not None]
+        if readings:
+            worst = max(readings, key=lambda s: (LEVELS.index(s["level"]), s["pressure"]))
+            memory = {"level": worst["level"], "pressure": round(worst["pressure"], 1)}
+        else:
+            memory = {"level": "normal", "pressure": round(MemoryProbe().machine_percent(), 1)}
+        psi = read_psi()
+        if psi is not None:
+            memory["psi"] = psi
+        return memory
+
+
+def _first_line(text):
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+# ======================================================================================
+# Circuit breaker: one per task name, its state a row in the file
+# ======================================================================================
+#
+#   closed --(N failures within the window)--> open --(cooldown over)--> half-open
+#   half-open --(the one trial job succeeds)--> closed
+#   half-open --(the trial fails)--> open, cooldown doubled up to the cap
+#
+# The transitions are pure functions of (row, event, time); the functions after them load
+# and store the row inside the caller's transaction, so every supervisor and every child
+# sees one breaker per task, and exactly one trial job runs even with two supervisors.
+
+class BreakerPolicy:
+    """How many failures within what window open a breaker, and for how long."""
+
+    __slots__ = ("failures", "window_s", "cooldown_s", "max_cooldown_s")
+
+    def __init__(self, failures=BREAKER_FAILURES, window_s=BREAKER_WINDOW_S,
+                 cooldown_s=BREAKER_COOLDOWN_S, max_cooldown_s=BREAKER_MAX_COOLDOWN_S):
+        self.failures = parse_positive_int(failures, "breaker failures")
+        self.window_s = parse_duration(window_s, "breaker window", allow_zero=False)
+        self.cooldown_s = parse_duration(cooldown_s, "breaker cooldown", allow_zero=False)
+        self.max_cooldown_s = max(self.cooldown_s, parse_duration(max_cooldown_s, "cooldown cap"))
+
+
+def new_breaker(task, at):
+    return {"task": task, "state": "closed", "failures": "[]", "opened_at": None,
+            "cooldown_s": None, "trial_job_id": None, "updated_at": at}
+
+
+def breaker_after_failure(row, at, policy):
+    """The breaker after a failure of one of its task's jobs."""
+    if row["state"] == "half-open":
+        cooldown = min(policy.max_cooldown_s, 2 * (row["cooldown_s"] or policy.cooldown_s))
+        return {**row, "state": "open", "opened_at": at, "cooldown_s": cooldown,
+                "trial_job_id": None, "failures": "[]", "updated_at": at}
+    if row["state"] == "open":
+        return row                     # a job started before it opened: already counted open
+    recent = [t for t in json.loads(row["failures"]) if t >= at - policy.window_s] + [at]
+    if len(recent) >= policy.failures:
+        return {**row, "state": "open", "opened_at": at, "cooldown_s": policy.cooldown_s,
+                "trial_job_id": None, "failures": "[]", "updated_at": at}
+    return {**row, "failures": json.dumps(recent), "updated_at": at}
+
+
+def breaker_after_success(row, job_id, at):
+    """The breaker after a job of its task succeeded: a successful trial closes it."""
+    if row["state"] == "half-open" and row["trial_job_id"] == job_id:
+        return {**new_breaker(row["task"], at)}
+    return row
+
+
+def breaker_gate(row, at):
+    """'closed' (run freely), 'trial' (one job may run now) or 'blocked'."""
+    if row["state"] == "closed":
+        return "closed"
+    if row["state"] == "open":
+        return "trial" if at >= row["opened_at"] + row["cooldown_s"] else "blocked"
+    return "trial" if row["trial_job_id"] is None else "blocked"
+
+
+def effective_breaker_state(row, at):
+    """What users see: an open breaker whose cooldown is over reads as half-open."""
+    if row["state"] == "open" and breaker_gate(row, at) == "trial":
+        return "half-open"
+    return row["state"]
+
+
+def _load_breaker(conn, task, at):
+    rows = _rows(conn.execute("SELECT * FROM breakers WHERE task = ?", (task,)))
+    return rows[0] if rows else new_breaker(task, at)
+
+
+def _store_breaker(queue, before, after, at, reason):
+    if after is before:
+        return
+    queue.conn.execute(
+        "INSERT INTO breakers (task, state, failures, opened_at, cooldown_s, trial_job_id,"
+        " updated_at) VALUES (:task, :state, :failures, :opened_at, :cooldown_s, :trial_job_id,"
+        " :updated_at) ON CONFLICT (task) DO UPDATE SET state = excluded.state,"
+        " failures = excluded.failures, opened_at = excluded.opened_at,"
+        " cooldown_s = excluded.cooldown_s, trial_job_id = excluded.trial_job_id,"
+        " updated_at = excluded.updated_at", after)
+    if before["state"] != after["state"]:
+        queue._event(at, after["trial_job_id"], after["task"], "breaker", before["state"],
+                     after["state"], reason)
+        log.warning("breaker %s: %s -> %s (%s)", after["task"], before["state"],
+                    after["state"], reason)
+
+
+def breakers_blocking(conn, at):
+    """(tasks that may not start now, tasks whose next job is a half-open trial)."""
+    blocked, trial = set(), set()
+    for row in _rows(conn.execute("SELECT * FROM breakers WHERE state != 'closed'")):
+        gate = breaker_gate(row, at)
+        (blocked if gate == "blocked" else trial).add(row["task"])
+    return blocked, trial
+
+
+def begin_trial(queue, task, job_id, at):
+    row = _load_breaker(queue.conn, task, at)
+    _store_breaker(queue, row, {**row, "state": "half-open", "trial_job_id": job_id,
+                                "updated_at": at}, at, f"cooldown over, trial job {job_id}")
+
+
+def breaker_failed(queue, task, job_id, at):
+    row = _load_breaker(queue.conn, task, at)
+    _store_breaker(queue, row, breaker_after_failure(row, at, queue.breaker_policy), at,
+                   f"job {job_id} failed")
+
+
+def breaker_success(queue, task, job_id, at):
+    row = _load_breaker(queue.conn, task, at)
+    if row["state"] != "closed":
+        _store_breaker(queue, row, breaker_after_success(row, job_id, at), at,
+                       f"trial job {job_id} succeeded")
+
+
+def breaker_release_trial(queue, task, job_id, at):
+    """A trial that ended neither well nor badly (preempted, cancelled, shut down, lost):
+    the next job of the task becomes the trial."""
+    row = _load_breaker(queue.conn, task, at)
+    if row["state"] == "half-open" and row["trial_job_id"] == job_id:
+        _store_breaker(queue, row, {**row, "trial_job_id": None, "updated_at": at}, at, None)
+
+
+def reset_breaker(queue, task):
+    """Close a task's breaker by hand."""
+    with queue._tx():
+        at = now()
+        row = _load_breaker(queue.conn, task, at)
+        _store_breaker(queue, row, new_breaker(task, at), at, "reset by hand")
+        return row["state"]
+
+
+def list_breakers(queue, at=None):
+    at = now() if at is None else at
+    return [{"task": r["task"], "state": effective_breaker_state(r, at),
+             "failures": len(json.loads(r["failures"])), "opened_at": r["opened_at"],
+             "cooldown_s": r["cooldown_s"], "trial_job_id": r["trial_job_id"]}
+            for r in queue._read("SELECT * FROM breakers ORDER BY task")]
+
+
+# ======================================================================================
+# Memory: reading pressure, levels with hysteresis, and the decisions they call for
+# ======================================================================================
+
+class LevelTracker:
+    """Memory level from pressure readings, with hysteresis.
+
+    A level is entered as soon as pressure reaches its threshold. It is left only after
+    pressure has stayed below (its threshold - margin) for hold_s; then the level becomes
+    whatever the pressure calls for. Pure: time is passed in."""
+
+    def __init__(self, thresholds=(70.0, 85.0, 95.0), margin=5.0, hold_s=10.0):
+        thresholds = tuple(float(t) for t in thresholds)
+        if len(thresholds) != 3 or not 0 < thresholds[0] < thresholds[1] < thresholds[2] <= 100:
+            raise BadInput(f"thresholds must be three rising percentages, not {thresholds}")
+        if not 0 <= float(margin) < thresholds[0]:
+            raise BadInput(f"margin must be between 0 and the first threshold, not {margin}")
+        self.thresholds, self.margin, self.hold_s = thresholds, float(margin), float(hold_s)
+        self.level = "normal"
+        self._below_since = None
+
+    def level_for(self, pressure):
+        rank = sum(pressure >= t for t in self.thresholds)
+        return LEVELS[rank]
+
+    def update(self, pressure, at):
+        """Feed one reading; returns the level now in force."""
+        called = self.level_for(pressure)
+        current = LEVELS.index(self.level)
+        if LEVELS.index(called) > current:
+            self.level, self._below_since = called, None
+        elif current > 0 and pressure < self.thresholds[current - 1] - self.margin:
+            if self._below_since is None:
+                self._below_since = at
+            if at - self._below_since >= self.hold_s:
+                self.level, self._below_since = called, None
+        else:
+            self._below_since = None
+        return self.level
+
+
+class RunningView:
+    """What the memory decisions need to know of a running job."""
+
+    __slots__ = ("job_id", "priority", "rss_bytes", "started_at", "stop_reason", "preemptions")
+
+    def __init__(self, job_id, priority, rss_bytes=0, started_at=0.0, stop_reason=None,
+                 preemptions=0):
+        self.job_id, self.priority, self.rss_bytes = job_id, priority, rss_bytes or 0
+        self.started_at, self.stop_reason, self.preemptions = started_at, stop_reason, preemptions
+
+
+class MemoryPlan:
+    """What to do at one poll: which priorities may start, whether to shed, whom to stop."""
+
+    __slots__ = ("start_priorities", "shed", "preempt", "kill")
+
+    def __init__(self, start_priorities, shed=False, preempt=None, kill=()):
+        self.start_priorities, self.shed = start_priorities, shed
+        self.preempt, self.kill = preempt, tuple(kill)
+
+    def __repr__(self):
+        return (f"MemoryPlan(start={self.start_priorities}, shed={self.shed}, "
+                f"preempt={self.preempt}, kill={self.kill})")
+
+
+START_PRIORITIES = {"normal": (0, 1, 2, 3), "skip": (0, 1, 2), "preempt": (0, 1),
+                    "emergency": (0,)}
+STOPPING_FOR_MEMORY = ("preempt", "emergency")
+
+
+def plan_memory(level, running):
+    """The decisions of a memory level, given the running jobs. Pure.
+
+    skip: start no low job, shed due low shed jobs. preempt: start only critical and high;
+    ask one victim at a time (the lowest-priority normal or low job, largest RSS first among
+    equals; fewest preemptions next, so one job is not always the one paused) to stop, and
+    choose the next only once it is gone. emergency: kill every running job below critical."""
+    plan = MemoryPlan(START_PRIORITIES[level], shed=level != "normal")
+    if level == "emergency":
+        plan.kill = tuple(r.job_id for r in running
+                          if r.priority > CRITICAL and r.stop_reason != "emergency")
+    elif level == "preempt" and not any(r.stop_reason == "preempt" for r in running):
+        candidates = [r for r in running if r.priority >= NORMAL and r.stop_reason is None]
+        if candidates:
+            victim = min(candidates, key=lambda r: (-r.priority, -r.rss_bytes, r.preemptions,
+                                                    -r.started_at))
+            plan.preempt = victim.job_id
+    return plan
+
+
+def read_psi():
+    """The kernel's memory pressure stall info, where it has it: {"some_avg10": ...}."""
+    try:
+        with open("/proc/pressure/memory") as f:
+            text = f.read()
+    except OSError:
+        return None
+    psi = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for field in fields:
+            key, _, value = field.partition("=")
+            if key in ("avg10", "avg60"):
+                psi[f"{kind}_{key}"] = float(value)
+    return psi
+
+
+def _read_int(path):
+    with open(path) as f:
+        text = f.read().strip()
+    return None if text == "max" else int(text)
+
+
+def _stat_value(path, key):
+    with open(path) as f:
+        for line in f:
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    return 0
+
+
+class CgroupMemory:
+    """Used and limit bytes of the tightest memory cgroup this process lives in, or None.
+
+    v2: memory.current - inactive_file over memory.max; v1: usage_in_bytes -
+    total_inactive_file over limit_in_bytes. The process's own cgroup comes from
+    /proc/self/cgroup; its ancestors are walked for the tightest limit."""
+
+    def __init__(self, root="/sys/fs/cgroup", proc_self="/proc/self/cgroup"):
+        self.usage_path = self.stat_path = self.inactive_key = None
+        self.limit_bytes = None
+        try:
+            with open(proc_self) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                self._choose(os.path.join(root, "memory"), path, "memory.limit_in_bytes",
+                             "memory.usage_in_bytes", "total_inactive_file")
+            elif controllers == "" and os.path.exists(os.path.join(root, "cgroup.controllers")):
+                self._choose(root, path, "memory.max", "memory.current", "inactive_file")
+
+    def _choose(self, mount, path, limit_file, usage_file, inactive_key):
+        """Walk from the process's cgroup up to the mount: keep the tightest set limit."""
+        directory = os.path.join(mount, path.lstrip("/"))
+        if not os.path.isdir(directory):
+            directory = mount              # inside a container the mount is our cgroup
+        while True:
+            try:
+                limit = _read_int(os.path.join(directory, limit_file))
+            except (OSError, ValueError):
+                limit = None
+            if limit is not None and limit < (1 << 60) and (
+                    self.limit_bytes is None or limit < self.limit_bytes):
+                self.limit_bytes = limit
+                self.usage_path = os.path.join(directory, usage_file)
+                self.stat_path = os.path.join(directory, "memory.stat")
+                self.inactive_key = inactive_key
+            if os.path.normpath(directory) == os.path.normpath(mount):
+                return
+            directory = os.path.dirname(directory)
+
+    def used_percent(self):
+        if self.limit_bytes is None:
+            return None
+        try:
+            used = _read_int(self.usage_path) - _stat_value(self.stat_path, self.inactive_key)
+        except (OSError, ValueError, TypeError):
+            return None
+        return 100.0 * max(0, used) / self.limit_bytes
+
+
+def process_rss_bytes(pid):
+    """Resident bytes of one process, from /proc/PID/statm (cheap), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_pss_bytes(pid):
+    """Proportional set size of one process: pages shared after fork counted once across
+    the tree, not once per process as a sum of RSS would."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return process_rss_bytes(pid) or 0
+
+
+class MemoryReading:
+    __slots__ = ("pressure", "machine_percent", "tree_bytes", "budget_percent")
+
+    def __init__(self, pressure, machine_percent, tree_bytes=None, budget_percent=None):
+        self.pressure, self.machine_percent = pressure, machine_percent
+        self.tree_bytes, self.budget_percent = tree_bytes, budget_percent
+
+
+class MemoryProbe:
+    """Memory pressure as a percentage: the larger of the machine's (container-aware) use
+    and the supervisor tree's PSS against the budget, where one is given."""
+
+    def __init__(self, budget_bytes=None, cgroup=None):
+        self.budget_bytes = budget_bytes
+        self.cgroup = CgroupMemory() if cgroup is None else cgroup
+
+    def machine_percent(self):
+        percent = self.cgroup.used_percent()
+        if percent is None:
+            import psutil
+            memory = psutil.virtual_memory()
+            percent = 100.0 * (memory.total - memory.available) / memory.total
+        return percent
+
+    def read(self, child_pids=()):
+        machine = self.machine_percent()
+        if not self.budget_bytes:
+            return MemoryReading(machine, machine)
+        tree = process_pss_bytes(os.getpid()) + sum(process_pss_bytes(p) for p in child_pids)
+        budget = 100.0 * tree / self.budget_bytes
+        return MemoryReading(max(machine, budget), machine, tree, budget)
+
+
+# ======================================================================================
+# The child: one process per job
+# ======================================================================================
+#
+# Children are forked (see Supervisor.run for why). A forked child must not touch anything
+# of its parent's SQLite connection: it opens its own. Forking happens only between
+# supervisor steps, when the parent's connection has no transaction or statement open, so
+# the child inherits no SQLite lock state (the unix VFS tracks locks per process and inode).
+# The child ends through multiprocessing's os._exit, so the inherited connection object is
+# never finalized in the child.
+
+# RLIMIT_DATA, not RLIMIT_AS: RLIMIT_AS counts address space merely reserved (8 MiB per
+# thread stack, 64 MiB per glibc malloc arena, mapped libraries), so a task that starts a
+# few threads fails far below its real budget. RLIMIT_DATA (Linux >= 4.7) counts private
+# writable memory: heap, anonymous mmaps and arenas as they are committed. The supervisor's
+# RSS polling backs it up for what neither counts (shared mappings written to).
+MEMORY_RLIMIT = "RLIMIT_DATA"
+
+
+class ChildSpec:
+    """What a child needs to reopen the queue: plain values only."""
+
+    __slots__ = ("path", "durable", "busy_timeout_s", "breaker_policy", "parent_pid", "prctl")
+
+    def __init__(self, queue, parent_pid, prctl):
+        self.path, self.durable = queue.path, queue.durable
+        self.busy_timeout_s, self.breaker_policy = queue.busy_timeout_s, queue.breaker_policy
+        self.parent_pid, self.prctl = parent_pid, prctl
+
+
+def _die_with_parent(spec):
+    """Ask the kernel to SIGKILL this child when the supervisor dies: no orphans holding memory."""
+    if spec.prctl is not None:
+        spec.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    if os.getppid() != spec.parent_pid:        # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _limit_memory(limit_bytes):
+    import resource
+    kind = getattr(resource, MEMORY_RLIMIT)
+    resource.setrlimit(kind, (limit_bytes, limit_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))       # no core dumps on an SD card
+
+
+def _call_task(fn, ctx, payload):
+    """Run a task. A dict payload becomes keyword arguments. A generator task checkpoints
+    at every `yield state`, which is also a safe point to stop."""
+    if isinstance(payload, dict):
+        out = fn(ctx, **payload)
+    elif payload is None:
+        out = fn(ctx)
+    else:
+        out = fn(ctx, payload)
+    if hasattr(out, "__next__") and hasattr(out, "send"):
+        try:
+            while True:
+                ctx.save(next(out))
+        except StopIteration as stop:
+            return stop.value
+    return out
+
+
+def _child_main(spec, job, fn, owner, memory_limit_bytes):
+    """Entry point of a job's child process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)    # a timeout's SIGTERM ends the child
+    stop_asked = []
+    signal.signal(signal.SIGUSR1, lambda *_: stop_asked.append(True))
+    _die_with_parent(spec)
+    _limit_memory(memory_limit_bytes)
+    queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
+                  breaker=spec.breaker_policy)
+    ctx = Context(queue, job, owner)
+    signal.signal(signal.SIGUSR1, lambda *_: ctx.ask_stop())
+    if stop_asked:
+        ctx.ask_stop()
+    try:
+        result = _call_task(fn, ctx, job.payload)
+    except StopRequested:
+        sys.exit(EXIT_CHILD_STOPPED)
+    except LeaseLost:
+        sys.exit(0)                                  # someone else owns the job now
+    except MemoryError:
+        _record_failure(queue, job, owner, f"memory limit exceeded: MemoryError under the "
+                        f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}")
+    except Exception:
+        _record_failure(queue, job, owner, traceback.format_exc())
+    else:
+        try:
+            queue.complete(job.id, owner, job.attempts, result)
+        except BadPayload as exc:
+            _record_failure(queue, job, owner, f"task returned a result that is not JSON: {exc}")
+        except LeaseLost:
+            pass
+
+
+def _record_failure(queue, job, owner, error):
+    with contextlib.suppress(LeaseLost):
+        queue.fail(job.id, owner, job.attempts, error.rstrip())
+
+
+# ======================================================================================
+# Built-in tasks
+# ======================================================================================
+
+def _heartbeat(ctx):
+    """Proof of life: status shows the age of the last one that finished."""
+    return {"at": now()}
+
+
+def _echo(ctx, **payload):
+    """Return the payload."""
+    return payload
+
+
+def _sleep(ctx, seconds=1.0):
+    """Sleep, stopping early at a safe point if asked."""
+    deadline = time.monotonic() + float(seconds)
+    while time.monotonic() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    return {"slept": seconds}
+
+
+def _hog(ctx, mb=100, seconds=5.0):
+    """Hold `mb` MiB of real, touched memory for `seconds` (to show the memory governor)."""
+    block = bytearray(b"\x01") * (int(mb) * MiB)     # every page written: resident, not lazy
+    time.sleep(float(seconds))
+    return {"mb": mb, "held": len(block) // MiB}
+
+
+def _chunked(ctx, chunks=10, chunk_s=0.2):
+    """Sum 0..chunks-1 in steps, checkpointing after each: resumes where it was stopped."""
+    state = ctx.checkpoint or {"i": 0, "sum": 0}
+    while state["i"] < chunks:
+        time.sleep(float(chunk_s))
+        state = {"i": state["i"] + 1, "sum": state["sum"] + state["i"]}
+        ctx.progress(state["i"], chunks)
+        ctx.save(state)
+    return {"sum": state["sum"], "chunks": chunks}
+
+
+def _fail(ctx, message="failed on purpose"):
+    """Raise, to see retries, dead jobs and the breaker."""
+    raise RuntimeError(message)
+
+
+BUILTIN_TASK_DEFAULTS = {
+    "heartbeat": TaskDefaults("heartbeat", LOW, max_attempts=1, ttl_s=300, shed=True,
+                              unique_task=True),
+}
+DEMO_TASKS = {
+    "echo": (_echo, TaskDefaults("echo")),
+    "sleep": (_sleep, TaskDefaults("sleep")),
+    "hog": (_hog, TaskDefaults("hog")),
+    "chunked": (_chunked, TaskDefaults("chunked", LOW)),
+    "fail": (_fail, TaskDefaults("fail", max_attempts=1)),
+}
+
+
+def builtin_catalogue():
+    """(fn, defaults) of every built-in task, as a new file's catalogue lists them."""
+    return [(_heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"]), *DEMO_TASKS.values()]
+
+
+def builtin_tasks(queue, demos=False):
+    """{name: Task} of the built-in tasks, bound to queue."""
+    tasks = {"heartbeat": Task(queue, _heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"])}
+    if demos:
+        tasks.update({name: Task(queue, fn, defaults) for name, (fn, defaults) in DEMO_TASKS.items()})
+    return tasks
+
+
+# ======================================================================================
+# Supervisor
+# ======================================================================================
+
+class _Run:
+    """A job running in a child, as the supervisor tracks it."""
+
+    __slots__ = ("job", "process", "started_at", "memory_limit_bytes", "stop_reason",
+                 "kill_at", "rss_bytes", "detail")
+
+    def __init__(self, job, process, started_at, memory_limit_bytes):
+        self.job, self.process, self.started_at = job, process, started_at
+        self.memory_limit_bytes = memory_limit_bytes
+        self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory
+        self.kill_at = None         # SIGKILL at this time if still alive
+        self.rss_bytes = 0
+        self.detail = None          # the figures behind a kill, for the job's error
+
+    def view(self):
+        return RunningView(self.job.id, self.job.priority_value, self.rss_bytes,
+                           self.started_at, self.stop_reason, self.job.preemptions)
+
+
+class Supervisor:
+    """Runs jobs from a queue, each in its own child under rlimits, at most `slots` at once,
+    deciding job by job from memory pressure whether to run, skip or preempt.
+
+    step() does one round and returns when it next needs to run; run() loops it until
+    SIGTERM/SIGINT (or, with burst=True, until nothing is running or due)."""
+
+    def __init__(self, queue, *, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
+                 thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
+                 jobs_per_child=1, burst=False, tasks=None, probe=None, notice=0.01):
+        self.queue = queue
+        self.slots = parse_positive_int(slots, "slots")
+        self.memory_limit_bytes = parse_size(memory_limit, "memory_limit")
+        budget = None if memory_budget is None else parse_size(memory_budget, "memory_budget")
+        self.probe = probe or MemoryProbe(budget)
+        self.poll_s = parse_duration(poll, "poll", allow_zero=False)
+        self.tracker = LevelTracker(thresholds, margin, parse_duration(hold, "hold"))
+        self.grace_s = parse_duration(grace, "grace")
+        self.keep_s = None if keep is None else parse_duration(keep, "keep")
+        self.jobs_per_child = parse_positive_int(jobs_per_child, "jobs_per_child")
+        self.burst = burst
+        self.notice_s = notice
+        self.tasks = dict(tasks if tasks is not None else queue.registry)
+        self.tasks.setdefault("heartbeat", builtin_tasks(queue)["heartbeat"])
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{random.randrange(1 << 32):08x}"
+        self.pressure = None
+        self._runs = {}
+        self._stopping = self._stop_now = self._finished = False
+        self._next_poll_at = self._next_heartbeat_at = self._next_purge_at = 0.0
+        self._data_version = None
+        self._mp = self._spec = None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self):
+        """Serve until stopped; returns 0. Children are forked: about ten times faster to
+        start than forkserver or spawn here, and safe because the supervisor is one thread
+        that forks only between steps (see the child section)."""
+        import ctypes
+        import multiprocessing
+        from multiprocessing.connection import wait
+        self._mp = multiprocessing.get_context("fork")
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._spec = ChildSpec(self.queue, os.getpid(), getattr(libc, "prctl", None))
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._register()
+        log.info("supervisor %s serving %s on %s (slots %d, memory limit %s)", self.id,
+                 ", ".join(sorted(self.tasks)), self.queue.path, self.slots,
+                 format_bytes(self.memory_limit_bytes))
+        try:
+            while not self._finished:
+                wake_at = self.step()
+                timeout = min(max(0.0, wake_at - now()), self.notice_s)
+                wait([r.process.sentinel for r in self._runs.values()], timeout)
+        finally:
+            self._abandon_children()
+            self._unregister()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("supervisor %s stopped", self.id)
+        return 0
+
+    def _on_signal(self, signum, frame):
+        # Only flags: the loop does the work, outside the signal handler.
+        if self._stopping:
+            self._stop_now = True
+        self._stopping = True
+
+    def stop(self, now_=False):
+        """Ask the loop to stop (as SIGTERM would; now_=True as a second signal would)."""
+        self._stop_now = self._stop_now or now_
+        self._stopping = True
+
+    def step(self, at=None):
+        """One round: reap, heartbeat, watch memory, stop or start jobs. Returns the time at
+        which it next has something to do."""
+        at = now() if at is None else at
+        self._reap(at)
+        if at >= self._next_heartbeat_at:
+            self._heartbeat(at)
+            self._recover_orphans(at)
+            self.queue.expire(at=at)
+            self._next_heartbeat_at = at + SUPERVISOR_HEARTBEAT_S
+        polled = at >= self._next_poll_at
+        if polled:
+            self._poll_memory(at)
+            self._next_poll_at = at + self.poll_s
+        changed = self._data_changed()
+        if changed:
+            self._apply_cancels(at)
+        if self._stopping:
+            self._shut_down(at)
+        elif changed or polled:
+            self._start_jobs(at)
+        if self.keep_s is not None and at >= self._next_purge_at:
+            self._retain(at)
+        return min(self._next_poll_at, self._next_heartbeat_at)
+
+    # -- database bookkeeping -----------------------------------------------------------
+
+    def _register(self):
+        self.queue.store_catalogue([task.defaults for task in self.tasks.values()])
+        import psutil
+        started_at = psutil.Process().create_time()
+        with self.queue._tx():
+            self.queue.conn.execute(
+                "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
+                " tasks) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.id, socket.gethostname(), os.getpid(), started_at, now(),
+                 json.dumps(sorted(self.tasks))))
+        self._data_version = None
+
+    def _unregister(self):
+        with contextlib.suppress(Error):
+            with self.queue._tx():
+                self.queue.conn.execute("DELETE FROM supervisors WHERE id = ?", (self.id,))
+
+    def _heartbeat(self, at):
+        running = [{"id": r.job.id, "task": r.job.task, "rss_bytes": r.rss_bytes}
+                   for r in self._runs.values()]
+        with self.queue._tx():
+            self.queue.conn.execute(
+                "UPDATE supervisors SET heartbeat_at = ?, level = ?, pressure = ?, running = ?"
+                " WHERE id = ?", (at, self.tracker.level, self.pressure, json.dumps(running),
+                                  self.id))
+            if not self.queue.conn.changes():         # our row was taken for dead: back again
+                self._data_version = None
+        if self._data_version is None and not self._stopping:
+            self._register()
+
+    def _data_changed(self):
+        """Has another connection (a producer, a child) written since we last looked?"""
+        version = self.queue.conn.execute("PRAGMA data_version").fetchall()[0][0]
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    def _recover_orphans(self, at):
+        """Requeue jobs whose supervisor is gone: its pid dead on this host, or its lease
+        (heartbeat) expired. Recoveries are charged, so a job that keeps killing its
+        supervisor ends dead instead of looping."""
+        import psutil
+        host = socket.gethostname()
+        rows = self.queue._read("SELECT id, host, pid, started_at, heartbeat_at FROM supervisors")
+        dead = set()
+        for sup in rows:
+            if sup["id"] == self.id:
+                continue
+            if sup["heartbeat_at"] <= at - LEASE_S or (
+                    sup["host"] == host and not _same_process_alive(psutil, sup)):
+                dead.add(sup["id"])
+        live = {sup["id"] for sup in rows} - dead
+        orphans = [r for r in self.queue._read(
+            "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")
+            if r["owner"] != self.id and r["owner"] not in live]
+        for row in orphans:
+            with contextlib.suppress(LeaseLost):
+                state = self.queue.requeue(row["id"], row["owner"], row["attempts"],
+                                           f"recovered: supervisor {row['owner']} is gone",
+                                           charge=True, recovered=True)
+                log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
+                            row["task"], row["owner"], state)
+        if dead:
+            with self.queue._tx():
+                for sup_id in dead:
+                    self.queue.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
+
+    def _retain(self, at):
+        deleted = self.queue.purge(self.keep_s, at=at)
+        self.queue.checkpoint_wal()
+        if deleted:
+            log.info("retention: purged %d finished jobs older than %gs", deleted, self.keep_s)
+        self._next_purge_at = at + min(60.0, max(1.0, self.keep_s / 4))
+
+    # -- memory -------------------------------------------------------------------------
+
+    def _poll_memory(self, at):
+        reading = self.probe.read([r.process.pid for r in self._runs.values()])
+        self.pressure = reading.pressure
+        before = self.tracker.level
+        level = self.tracker.update(reading.pressure, at)
+        if level != before:
+            log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
+            self.queue.record_event("level", before, level, "memory pressure",
+                                    pressure=reading.pressure)
+        for run in self._runs.values():
+            run.rss_bytes = process_rss_bytes(run.process.pid) or run.rss_bytes
+        self._enforce_limits(at)
+        plan = plan_memory(level, [r.view() for r in self._runs.values()])
+        for job_id in plan.kill:
+            self._kill(self._runs[job_id], "emergency", at,
+                       f"memory emergency at {reading.pressure:.1f}%")
+        if plan.preempt is not None:
+            self._ask_stop(self._runs[plan.preempt], "preempt", at,
+                           f"preempted at {reading.pressure:.1f}% memory pressure")
+        if plan.shed:
+            for job_id in self.queue.shed_due(tasks=self.tasks, at=at, pressure=reading.pressure):
+                log.info("job %d shed at %.1f%% memory pressure", job_id, reading.pressure)
+
+    def _enforce_limits(self, at):
+        """Per-job memory limit and timeout; and SIGKILL for a stop past its grace."""
+        for run in list(self._runs.values()):
+            limit = run.memory_limit_bytes
+            if run.rss_bytes > limit and run.stop_reason not in ("memory", "emergency"):
+                self._kill(run, "memory", at, f"memory limit exceeded: "
+                           f"{format_bytes(run.rss_bytes)} > {format_bytes(limit)}")
+            elif (run.job.timeout_s is not None and run.stop_reason is None
+                  and at - run.started_at > run.job.timeout_s):
+                run.stop_reason, run.detail = "timeout", f"timeout after {run.job.timeout_s:g}s"
+                run.kill_at = at + min(self.grace_s, 5.0)
+                self._signal(run, signal.SIGTERM)
+            elif run.kill_at is not None and at >= run.kill_at:
+                run.kill_at = None
+                self._signal(run, signal.SIGKILL)
+
+    # -- stopping children --------------------------------------------------------------
+
+    @staticmethod
+    def _signal(run, signum):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.process.pid, signum)
+
+    def _ask_stop(self, run, reason, at, detail):
+        """Ask a child to stop at its next checkpoint; SIGKILL after the grace period."""
+        run.stop_reason, run.detail, run.kill_at = reason, detail, at + self.grace_s
+        self._signal(run, signal.SIGUSR1)
+        log.info("job %d %s asked to stop: %s", run.job.id, run.job.task, detail)
+        if reason == "preempt":
+            self.queue.record_event("decision", RUNNING, "preempt", detail, job_id=run.job.id,
+                                    task=run.job.task, pressure=self.pressure)
+
+    def _kill(self, run, reason, at, detail):
+        run.stop_reason, run.detail, run.kill_at = reason, detail, None
+        self._signal(run, signal.SIGKILL)
+        log.warning("job %d %s killed: %s", run.job.id, run.job.task, detail)
+        self.queue.record_event("decision", RUNNING, "kill", detail, job_id=run.job.id,
+                                task=run.job.task, pressure=self.pressure)
+
+    def _apply_cancels(self, at):
+        if not self._runs:
+            return
+        marks = ",".join("?" * len(self._runs))
+        for row in self.queue._read(f"SELECT id FROM jobs WHERE cancel_requested = 1 AND"
+                                    f" id IN ({marks})", list(self._runs)):
+            run = self._runs[row["id"]]
+            if run.stop_reason != "cancel":
+                self._ask_stop(run, "cancel", at, "cancel requested")
+
+    def _shut_down(self, at):
+        """First signal: ask every job to stop at its next checkpoint, kill after the grace
+        period. Second signal: kill them all now. Either way their jobs go back to queued."""
+        for run in self._runs.values():
+            if self._stop_now:
+                if run.stop_reason not in ("cancel", "timeout", "memory"):
+                    run.stop_reason, run.detail = "shutdown", "supervisor stopped at once"
+                run.kill_at = None
+                self._signal(run, signal.SIGKILL)
+            elif run.stop_reason in (None, "preempt"):
+                self._ask_stop(run, "shutdown", at, "supervisor shutting down")
+        if not self._runs:
+            self._finished = True
+
+    def _abandon_children(self):
+        """Leaving run() with children still alive (an error in the loop): kill them and
+        give their jobs back, so nothing is lost."""
+        for run in list(self._runs.values()):
+            run.stop_reason = run.stop_reason or "shutdown"
+            self._signal(run, signal.SIGKILL)
+            run.process.join()
+            with contextlib.suppress(Error):
+                self._settle(run, now())
+        self._runs.clear()
+
+    # -- starting and settling children -------------------------------------------------
+
+    def _start_jobs(self, at):
+        free = self.slots - len(self._runs)
+        if free > 0:
+            priorities = START_PRIORITIES[self.tracker.level]
+            for job in self.queue.claim(self.id, tasks=self.tasks, priorities=priorities,
+                                        limit=free, at=at):
+                self._start(job, at)
+        if self.burst and not self._runs and not self.queue.has_due(tasks=self.tasks, at=at):
+            self._finished = True
+
+    def _start(self, job, at):
+        limit = job.memory_limit_bytes or self.memory_limit_bytes
+        process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
+                                   args=(self._spec, job, self.tasks[job.task].fn, self.id, limit))
+        process.start()
+        self._runs[job.id] = _Run(job, process, at, limit)
+        log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
+                 job.max_attempts, process.pid)
+
+    def _reap(self, at):
+        for run in [r for r in self._runs.values() if r.process.exitcode is not None]:
+            del self._runs[run.job.id]
+            self._settle(run, at)
+            run.process.close()
+
+    def _settle(self, run, at):
+        """A child has ended: if it did not record its own outcome, record why it ended."""
+        job, code = run.job, run.process.exitcode
+        lease = (job.id, self.id, job.attempts)
+        still_running = self.queue._running_job(*lease)
+        if still_running is None:                  # the child recorded done or a failure
+            self._log_outcome(job, at)
+            return
+        reason = run.stop_reason
+        with contextlib.suppress(LeaseLost):
+            if reason == "cancel":
+                self.queue.finish_cancelled(*lease)
+                state = CANCELLED
+            elif reason in ("preempt", "emergency", "shutdown"):
+                saved = (still_running.checkpoint_at is not None
+                         and still_running.checkpoint_at >= run.started_at)
+                charge = reason != "shutdown" and not saved
+                why = run.detail if not charge else (
+                    f"memory pressure: {run.detail}, stopped before saving a checkpoint")
+                state = self.queue.requeue(*lease, why, charge=charge,
+                                           preempted=reason != "shutdown", pressure=self.pressure)
+            else:
+                state = self.queue.fail(*lease, self._death_reason(run, code))
+            log.info("job %d %s %s: %s", job.id, job.task, state,
+                     run.detail or self._death_reason(run, code))
+
+    @staticmethod
+    def _death_reason(run, code):
+        if run.stop_reason in ("timeout", "memory"):
+            return run.detail
+        if code == EXIT_CHILD_STOPPED:
+            return "stopped at a checkpoint without being asked"
+        if code is not None and code < 0:
+            return f"killed by signal {-code}"
+        return f"child exited with code {code} without recording a result"
+
+    def _log_outcome(self, job, at):
+        latest = self.queue.get(job.id)
+        if latest.state == DONE:
+            log.info("job %d %s done in %.3fs", job.id, job.task, at - job.started_at)
+        else:
+            log.warning("job %d %s failed (attempt %d/%d), now %s: %s", job.id, job.task,
+                        job.attempts, job.max_attempts, latest.state, _first_line(latest.error))
+
+
+def _same_process_alive(psutil, sup):
+    """Is the supervisor's pid still the same process (not a reuse of its pid)?"""
+    try:
+        return abs(psutil.Process(sup["pid"]).create_time() - sup["started_at"]) < 1.0
+    except psutil.Error:
+        return False
+
+
+# ======================================================================================
+# Command line
+# ======================================================================================
+
+def load_app(spec):
+    """{name: Task} registered by the Queue objects of a module or .py file. The only code
+    a supervisor will run comes from here: never from the database."""
+    import importlib
+    import importlib.util
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            path = os.path.abspath(spec)
+            if not os.path.isfile(path):
+                raise BadInput(f"--app {spec}: no such file")
+            sys.path.insert(0, os.path.dirname(path))      # its sibling modules import too
+            name = os.path.splitext(os.path.basename(path))[0]
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(spec)
+    except Error:
+        raise
+    except BaseException as exc:        # SystemExit and friends from app code are bad input too
+        message = str(exc).strip().splitlines()[-1:] or [""]
+        raise BadInput(f"cannot import --app {spec}: {type(exc).__name__}: {message[0]}") from None
+    tasks = {}
+    for value in list(vars(module).values()):
+        if isinstance(value, Queue):
+            tasks.update(value.registry)
+        elif isinstance(value, Task):
+            tasks.setdefault(value.name, value)
+    if not tasks:
+        raise BadInput(f"--app {spec} registers no tasks (no Queue with @queue.task in it)")
+    return tasks
+
+
+def _format_age(seconds):
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def format_status(status, path):
+    """The readable `status` table."""
+    jobs = status["jobs"]
+    lines = [f"litequeue {__version__}  {path}",
+             "jobs        " + "  ".join(f"{state} {jobs[state]}" for state in STATES)]
+    for name, counts in status["priorities"].items():
+        if counts:
+            lines.append(f"  {name:<9} " + "  ".join(f"{s} {n}" for s, n in sorted(counts.items())))
+    memory = status["memory"]
+    psi = memory.get("psi")
+    lines.append(f"memory      {memory['level']} at {memory['pressure']:.1f}%"
+                 + (f"  (psi some avg10 {psi['some_avg10']:.2f})" if psi else ""))
+    for run in status["running"]:
+        progress = run["progress"]
+        shown = ("" if progress is None else f"  progress {progress['done']:g}"
+                 + ("" if progress["total"] is None else f"/{progress['total']:g}"))
+        lines.append(f"running     #{run['id']} {run['task']}  {run['priority']}  rss "
+                     f"{format_bytes(run['rss_bytes'])}{shown}")
+    breakers = status["breakers"]
+    lines.append("breakers    " + ("  ".join(f"{t}: {s}" for t, s in breakers.items())
+                                   if breakers else "none"))
+    lines.append(f"heartbeat   {_format_age(status['heartbeat_age'])}"
+                 + (" ago" if status["heartbeat_age"] is not None else ""))
+    sups = status["supervisors"]
+    lines.append("supervisors " + ("  ".join(f"{s['id']} ({s['level']})" for s in sups)
+                                   if sups else "none running"))
+    if status["unserved"]:
+        lines.append("unserved    " + ", ".join(status["unserved"])
+                     + "  (queued, but no live supervisor serves these tasks)")
+    return "\n".join(lines)
+
+
+def _build_cli():
+    import click
+
+    def db_option(command):
+        return click.option("--db", envvar="LITEQUEUE_DB", default="litequeue.db",
+                            show_default=True, help="database file (env: LITEQUEUE_DB)")(command)
+
+    def echo_json(value):
+        click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="litequeue")
+    def cli():
+        """litequeue: an embedded work queue in one SQLite file."""
+
+    @cli.command()
+    @db_option
+    @click.option("--app", help="module or FILE.py whose Queue objects register the tasks")
+    @click.option("--slots", type=int, default=2, show_default=True, help="jobs at once")
+    @click.option("--memory-limit", default="400M", show_default=True, help="per job")
+    @click.option("--memory-budget", help="for the supervisor and all its children")
+    @click.option("--poll", default="0.25", show_default=True, help="memory poll interval (s)")
+    @click.option("--thresholds", default="70,85,95", show_default=True,
+                  help="skip,preempt,emergency (%)")
+    @click.option("--margin", default="5", show_default=True, help="hysteresis (points)")
+    @click.option("--hold", default="10", show_default=True,
+                  help="seconds below a level (minus margin) before leaving it")
+    @click.option("--grace", default="10", show_default=True,
+                  help="seconds a job asked to stop has before it is killed")
+    @click.option("--keep", help="purge final jobs older than this (e.g. 7d)")
+    @click.option("--jobs-per-child", type=int, default=1, show_default=True)
+    @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
+    @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
+                  show_default=True, help="synchronous=FULL or NORMAL")
+    @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True)
+    @click.option("--breaker-window", default=str(BREAKER_WINDOW_S), show_default=True)
+    @click.option("--breaker-cooldown", default=str(BREAKER_COOLDOWN_S), show_default=True)
+    @click.option("--log-level", default="info", show_default=True,
+                  type=click.Choice(["debug", "info", "warning", "error"]))
+    def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
+              grace, keep, jobs_per_child, burst, durability, breaker_failures, breaker_window,
+              breaker_cooldown, log_level):
+        """Run the supervisor."""
+        try:
+            levels = [float(t) for t in thresholds.split(",")]
+            margin_pct = float(margin)
+        except ValueError:
+            raise BadInput(f"--thresholds {thresholds!r} / --margin {margin!r}: numbers, "
+                           f"like 70,85,95 and 5") from None
+        policy = BreakerPolicy(breaker_failures, breaker_window, breaker_cooldown)
+        tasks = load_app(app) if app else None
+        queue = Queue(db, durable=durability == "full", breaker=policy)
+        if tasks is None:
+            tasks = builtin_tasks(queue, demos=True)
+        logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s litequeue[%(process)d] %(levelname)s %(message)s")
+        supervisor = Supervisor(
+            queue, slots=slots, memory_limit=memory_limit, memory_budget=memory_budget,
+            poll=poll, thresholds=levels, margin=margin_pct, hold=hold, grace=grace, keep=keep,
+            jobs_per_child=jobs_per_child, burst=burst, tasks=tasks)
+        return supervisor.run()
+
+    @cli.command()
+    @db_option
+    @click.argument("task")
+    @click.option("--payload", help="JSON")
+    @click.option("--priority", help="critical, high, normal or low")
+    @click.option("--unique", help="key: while a job with it waits or runs, print its id")
+    @click.option("--delay", help="seconds or 30s, 5m ...")
+    @click.option("--ttl", help="skip the job if it has not started this long after due")
+    @click.option("--max-attempts", type=int)
+    @click.option("--timeout", help="per run")
+    @click.option("--memory-limit", help="per run, e.g. 200M")
+    def enqueue(db, task, payload, priority, unique, delay, ttl, max_attempts, timeout,
+                memory_limit):
+        """Add a job and print its id."""
+        value = None if payload is None else loads_json(payload)
+        queue = Queue(db)
+        if not queue.is_known_task(task):
+            click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
+                       f"(a typo?); enqueued with the global defaults", err=True)
+        job_id = queue.enqueue(task, value, priority=priority, unique=unique, delay=delay,
+                               ttl=ttl, max_attempts=max_attempts, timeout=timeout,
+                               memory_limit=memory_limit)
+        click.echo(job_id)
+
+    @cli.command()
+    @db_option
+    @click.option("--json", "as_json", is_flag=True)
+    def status(db, as_json):
+        """Counts, running jobs, memory level, breakers, heartbeat age."""
+        queue = Queue(db)
+        result = queue.status()
+        if as_json:
+            echo_json(result)
+        else:
+            click.echo(format_status(result, queue.path))
+
+    @cli.group()
+    def jobs():
+        """Inspect and steer jobs."""
+
+    @jobs.command("list")
+    @db_option
+    @click.option("--state", type=click.Choice(STATES))
+    @click.option("--task")
+    @click.option("--limit", type=int, default=50, show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    def jobs_list(db, state, task, limit, as_json):
+        """Jobs, newest first."""
+        found = Queue(db).jobs(state=state, task=task, limit=limit)
+        if as_json:
+            echo_json([job.to_dict() for job in found])
+            return
+        click.echo(f"{'id':>8}  {'state':<9} {'priority':<8} {'attempts':>8}  task")
+        for job in found:
+            click.echo(f"{job.id:>8}  {job.state:<9} {job.priority:<8} "
+                       f"{job.attempts:>3}/{job.max_attempts:<4}  {job.task}")
+
+    @jobs.command("show")
+    @db_option
+    @click.argument("job_id")
+    def jobs_show(db, job_id):
+        """One job and its events, as JSON."""
+        queue = Queue(db)
+        job = queue.get(job_id)
+        echo_json({**job.to_dict(), "events": queue.events(job_id=job.id)})
+
+    @jobs.command("cancel")
+    @db_option
+    @click.argument("job_id")
+    def jobs_cancel(db, job_id):
+        """Cancel a queued job, or ask a running one to stop."""
+        state = Queue(db).cancel(job_id)
+        click.echo("cancelled" if state == CANCELLED else
+                   "cancel requested: its supervisor will stop it")
+
+    @jobs.command("retry")
+    @db_option
+    @click.argument("job_id")
+    def jobs_retry(db, job_id):
+        """Put a dead, skipped or cancelled job back to queued."""
+        click.echo(Queue(db).retry(job_id))
+
+    @cli.group()
+    def breaker():
+        """Inspect and reset circuit breakers."""
+
+    @breaker.command("list")
+    @db_option
+    @click.option("--json", "as_json", is_flag=True)
+    def breaker_list(db, as_json):
+        """Every task's breaker."""
+        found = list_breakers(Queue(db))
+        if as_json:
+            echo_json(found)
+            return
+        for b in found:
+            click.echo(f"{b['task']:<30} {b['state']:<9} failures {b['failures']}")
+
+    @breaker.command("reset")
+    @db_option
+    @click.argument("task")
+    def breaker_reset(db, task):
+        """Close a task's breaker."""
+        before = reset_breaker(Queue(db), check_name(task))
+        click.echo(f"{task}: {before} -> closed")
+
+    @cli.command()
+    @db_option
+    @click.option("--older-than", required=True, help="e.g. 7d: age since the job finished")
+    def purge(db, older_than):
+        """Delete final jobs older than that, with their events and checkpoints."""
+        seconds = parse_duration(older_than, "--older-than")
+        click.echo(f"purged {Queue(db).purge(seconds)} jobs")
+
+    return cli
+
+
+def main(argv=None):
+    """The command line; returns the exit code."""
+    import click
+    cli = _build_cli()
+    try:
+        result = cli.main(args=argv, prog_name="litequeue", standalone_mode=False)
+        return result if isinstance(result, int) else EXIT_OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except click.ClickException as exc:
+        print(f"litequeue: error: {exc.format_message()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Error as exc:
+        print(f"litequeue: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    # Run as `python litequeue.py`, this file is __main__. Import it again by name so that
+    # user code (`from litequeue import Queue`), the supervisor and its children share one
+    # module object: one Queue class, one exception tree.
+    import litequeue
+    sys.exit(litequeue.main())
