@@ -331,6 +331,9 @@ def _create_database(path):
             os.link(temp, path)
         except FileExistsError:
             pass                      # another process made it first: use theirs
+        except OSError:               # no hard links here (vfat on an SD card): rename
+            if not os.path.exists(path):
+                os.replace(temp, path)
     except apsw.Error as exc:
         raise _translate(exc, path) from None
     finally:
@@ -877,13 +880,12 @@ class Queue:
                                    f"its unique key {job.unique_key!r}")
             expires_at = (None if job.expires_at is None
                           else at + (job.expires_at - job.due_at))
-            changed = self.conn.execute(
+            self.conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = 0, due_at = ?, expires_at = ?,"
                 " finished_at = NULL, cancel_requested = 0 WHERE id = ? AND state = ?",
                 (at, expires_at, job.id, job.state))
             if not self.conn.changes():
                 raise InvalidState(f"job {job.id} changed state meanwhile; try again")
-            del changed
             self._event(at, job.id, job.task, "job", job.state, QUEUED, "retried by hand")
         return job.id
 
@@ -971,9 +973,11 @@ class Queue:
         """Is any job of these tasks claimable now (ignoring memory pressure)?"""
         at = now() if at is None else at
         served = None if tasks is None else json.dumps(sorted(tasks))
-        with self._tx():
+        try:
             blocked, _ = breakers_blocking(self.conn, at)
-            return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+        return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
 
     def _running_job(self, job_id, owner, attempt):
         """The job if it still runs under this lease, else None."""
@@ -1756,6 +1760,9 @@ class Supervisor:
         self.grace_s = parse_duration(grace, "grace")
         self.keep_s = None if keep is None else parse_duration(keep, "keep")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "jobs_per_child")
+        if self.jobs_per_child != 1:
+            raise BadInput("jobs_per_child above 1 (pooled children) is not supported yet: "
+                           "every job runs in a fresh child")
         self.burst = burst
         self.notice_s = notice
         self.tasks = dict(tasks if tasks is not None else queue.registry)
@@ -1847,7 +1854,6 @@ class Supervisor:
                 " tasks) VALUES (?, ?, ?, ?, ?, ?)",
                 (self.id, socket.gethostname(), os.getpid(), started_at, now(),
                  json.dumps(sorted(self.tasks))))
-        self._data_version = None
 
     def _unregister(self):
         with contextlib.suppress(Error):
@@ -1862,9 +1868,9 @@ class Supervisor:
                 "UPDATE supervisors SET heartbeat_at = ?, level = ?, pressure = ?, running = ?"
                 " WHERE id = ?", (at, self.tracker.level, self.pressure, json.dumps(running),
                                   self.id))
-            if not self.queue.conn.changes():         # our row was taken for dead: back again
-                self._data_version = None
-        if self._data_version is None and not self._stopping:
+            lost_row = not self.queue.conn.changes()
+        if lost_row and not self._stopping:         # taken for dead (a long stall): re-register
+            log.warning("supervisor %s was taken for dead; registering again", self.id)
             self._register()
 
     def _data_changed(self):
