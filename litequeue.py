@@ -89,7 +89,7 @@ BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
 MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
 MAX_NAME_CHARS = 200             # task names and unique keys
 LEASE_S = 10.0                   # a supervisor silent this long has lost its jobs
-SUPERVISOR_HEARTBEAT_S = 1.0
+SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a second
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
 
@@ -957,7 +957,8 @@ class Queue:
 
     def _next_due(self, priority, at, served, blocked):
         # One range scan of the claim index per priority: cost does not grow with the queue.
-        sql = ("SELECT id, task FROM jobs WHERE state = 'queued' AND priority = ?"
+        sql = ("SELECT id, task FROM jobs INDEXED BY jobs_claim"
+               " WHERE state = 'queued' AND priority = ?"
                " AND due_at <= ? AND (expires_at IS NULL OR expires_at > ?)")
         params = [priority, at, at]
         if served is not None:
@@ -2002,6 +2003,8 @@ class Supervisor:
                 self._signal(run, signal.SIGKILL)
             elif run.stop_reason in (None, "preempt"):
                 self._ask_stop(run, "shutdown", at, "supervisor shutting down")
+                # Kill early enough that reaping and exiting still fit within the grace.
+                run.kill_at = at + max(0.0, self.grace_s - 2 * self.poll_s)
         if not self._runs:
             self._finished = True
 
