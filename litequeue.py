@@ -1610,16 +1610,21 @@ def _call_task(fn, ctx, payload):
 
 def _child_main(spec, job, fn, owner, memory_limit_bytes):
     """Entry point of a job's child process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)    # a timeout's SIGTERM ends the child
+    # SIGUSR1 is the supervisor asking for a stop. SIGTERM is treated the same way: systemd
+    # (KillMode=control-group) sends it to every process of the service, and the job should
+    # then stop at its next checkpoint like the supervisor does, not die as a failure.
+    # Ctrl-C reaches the whole process group too; it is the supervisor's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop_asked = []
-    signal.signal(signal.SIGUSR1, lambda *_: stop_asked.append(True))
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_asked.append(True))
     _die_with_parent(spec)
     _limit_memory(memory_limit_bytes)
     queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
                   breaker=spec.breaker_policy)
     ctx = Context(queue, job, owner)
-    signal.signal(signal.SIGUSR1, lambda *_: ctx.ask_stop())
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, lambda *_: ctx.ask_stop())
     if stop_asked:
         ctx.ask_stop()
     try:
@@ -1952,6 +1957,8 @@ class Supervisor:
                            f"{format_bytes(run.rss_bytes)} > {format_bytes(limit)}")
             elif (run.job.timeout_s is not None and run.stop_reason is None
                   and at - run.started_at > run.job.timeout_s):
+                # SIGTERM lets the task stop at a checkpoint (kept for its retry); a task
+                # that does not get there within a short grace is killed.
                 run.stop_reason, run.detail = "timeout", f"timeout after {run.job.timeout_s:g}s"
                 run.kill_at = at + min(self.grace_s, 5.0)
                 self._signal(run, signal.SIGTERM)
@@ -2054,6 +2061,10 @@ class Supervisor:
         if still_running is None:                  # the child recorded done or a failure
             self._log_outcome(job, at)
             return
+        if run.stop_reason is None and (code == EXIT_CHILD_STOPPED or code == -signal.SIGTERM):
+            # Stopped by a signal from outside (systemd's SIGTERM to the whole group reached
+            # the child before our own stop request): a shutdown, not a failure of the job.
+            run.stop_reason, run.detail = "shutdown", "stopped by SIGTERM from outside"
         reason = run.stop_reason
         with contextlib.suppress(LeaseLost):
             if reason == "cancel":
@@ -2076,8 +2087,6 @@ class Supervisor:
     def _death_reason(run, code):
         if run.stop_reason in ("timeout", "memory"):
             return run.detail
-        if code == EXIT_CHILD_STOPPED:
-            return "stopped at a checkpoint without being asked"
         if code is not None and code < 0:
             return f"killed by signal {-code}"
         return f"child exited with code {code} without recording a result"
