@@ -903,9 +903,8 @@ class Queue:
                     marks = ",".join("?" * len(ids))
                     self.conn.execute(f"DELETE FROM events WHERE job_id IN ({marks})", ids)
                     self.conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
-                else:
-                    self.conn.execute("DELETE FROM events WHERE job_id IS NULL AND at < ?",
-                                      (cutoff,))
+                self.conn.execute("DELETE FROM events WHERE job_id IS NULL AND at < ?",
+                                  (cutoff,))
             deleted += len(ids)
             if len(ids) < 2000:
                 break
@@ -917,12 +916,17 @@ class Queue:
 
     def checkpoint_wal(self):
         """Fold the WAL back into the file and truncate it (retention; long runs)."""
+        # No busy wait: a reader holding a snapshot would stall the caller (the supervisor
+        # loop) for the whole busy timeout; the next round finishes the job.
+        self.conn.set_busy_timeout(0)
         try:
             return self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
         except apsw.BusyError:
-            return None            # a reader holds an old snapshot; the next round will do it
+            return None
         except apsw.Error as exc:
             raise _translate(exc, self.path) from None
+        finally:
+            self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
 
     # -- the worker side: claim, complete, fail, release, checkpoints --------------------
 
@@ -1201,9 +1205,11 @@ def new_breaker(task, at):
             "cooldown_s": None, "trial_job_id": None, "updated_at": at}
 
 
-def breaker_after_failure(row, at, policy):
+def breaker_after_failure(row, at, policy, job_id=None):
     """The breaker after a failure of one of its task's jobs."""
     if row["state"] == "half-open":
+        if job_id is not None and job_id != row["trial_job_id"]:
+            return row                 # a job started before it opened: the trial decides
         cooldown = min(policy.max_cooldown_s, 2 * (row["cooldown_s"] or policy.cooldown_s))
         return {**row, "state": "open", "opened_at": at, "cooldown_s": cooldown,
                 "trial_job_id": None, "failures": "[]", "updated_at": at}
@@ -1278,8 +1284,8 @@ def begin_trial(queue, task, job_id, at):
 
 def breaker_failed(queue, task, job_id, at):
     row = _load_breaker(queue.conn, task, at)
-    _store_breaker(queue, row, breaker_after_failure(row, at, queue.breaker_policy), at,
-                   f"job {job_id} failed")
+    _store_breaker(queue, row, breaker_after_failure(row, at, queue.breaker_policy, job_id),
+                   at, f"job {job_id} failed")
 
 
 def breaker_success(queue, task, job_id, at):
