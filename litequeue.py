@@ -169,9 +169,12 @@ def dumps_json(value, what="payload"):
         raise BadPayload(f"{what} is not JSON: {exc}") from None
     except RecursionError:
         raise BadPayload(f"{what} is nested too deeply to be JSON") from None
-    if len(text) > MAX_PAYLOAD_BYTES and len(text.encode()) > MAX_PAYLOAD_BYTES:
-        raise BadPayload(f"{what} is {len(text.encode())} bytes; the limit is "
-                         f"{MAX_PAYLOAD_BYTES} bytes")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise BadPayload(f"{what} is not JSON: it holds a lone surrogate (not UTF-8)") from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise BadPayload(f"{what} is {size} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes")
     return text
 
 
@@ -257,8 +260,35 @@ def parse_positive_int(value, what):
     return value
 
 
+def _is_utf8(text):
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_job_options(priority=None, unique=None, delay=None, ttl=None, max_attempts=None,
+                      timeout=None, memory_limit=None):
+    """Per-job overrides of enqueue, validated; None where not given (the task's default)."""
+    return {
+        "priority": None if priority is None else parse_priority(priority),
+        "unique": (unique if unique is None or isinstance(unique, bool)
+                   else check_name(unique, "unique key")),
+        "delay_s": 0.0 if delay is None else parse_duration(delay, "delay"),
+        "ttl_s": None if ttl is None else parse_duration(ttl, "ttl", allow_zero=False),
+        "max_attempts": (None if max_attempts is None
+                         else parse_positive_int(max_attempts, "max_attempts")),
+        "timeout_s": None if timeout is None else parse_duration(timeout, "timeout",
+                                                                 allow_zero=False),
+        "memory_limit_bytes": (None if memory_limit is None
+                               else parse_size(memory_limit, "memory_limit")),
+    }
+
+
 def check_name(value, what="task name"):
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS or "\0" in value:
+    if (not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS or "\0" in value
+            or not _is_utf8(value)):
         raise BadInput(f"{what} must be a non-empty string of at most {MAX_NAME_CHARS} "
                        f"characters without NUL, not {value!r:.60}")
     return value
@@ -379,6 +409,9 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S):
     try:
         # READWRITE without CREATE: a file deleted under us is an error, never a new empty file.
         conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+    except apsw.Error as exc:
+        raise _translate(exc, path) from None
+    try:
         conn.set_busy_timeout(int(busy_timeout_s * 1000))
         _check_identity(conn, path)
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
@@ -389,8 +422,11 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S):
         # Keep the WAL from staying large after a burst once it has been checkpointed.
         conn.execute("PRAGMA journal_size_limit = 4194304")
         return conn
-    except apsw.Error as exc:
-        raise _translate(exc, path) from None
+    except BaseException as exc:
+        conn.close()                  # refused or failed: leave nothing open on the file
+        if isinstance(exc, apsw.Error):
+            raise _translate(exc, path) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -563,7 +599,7 @@ class Context:
 def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.random):
     """Delay before retry number `attempts`: doubling from base, capped, with +-20% jitter so
     that jobs failing together do not retry together."""
-    delay = min(cap_s, base_s * (2 ** max(0, attempts - 1)))
+    delay = min(cap_s, base_s * 2.0 ** min(max(0, attempts - 1), 64))
     return min(cap_s, delay * (0.8 + 0.4 * rand()))
 
 
@@ -681,8 +717,9 @@ class Queue:
         """Add a job and return its id (or the id of the waiting job holding the same unique
         key). Raises QueueFull when max_depth jobs are queued."""
         at = now()
-        row = self._job_row(task, payload, priority, unique, delay, ttl, max_attempts,
-                            timeout, memory_limit, at)
+        row = self._job_row(task, payload, at, priority=priority, unique=unique, delay=delay,
+                            ttl=ttl, max_attempts=max_attempts, timeout=timeout,
+                            memory_limit=memory_limit)
         with self._tx():
             existing = self._holder_of(row["unique_key"], at)
             if existing is not None:
@@ -696,14 +733,20 @@ class Queue:
         at = now()
         rows = [self._job_row(**self._as_enqueue_args(item), at=at) for item in jobs]
         with self._tx():
-            ids, new_rows = [None] * len(rows), []
+            ids, new_rows, first_with_key = [None] * len(rows), [], {}
             for index, row in enumerate(rows):
-                ids[index] = self._holder_of(row["unique_key"], at)
-                if ids[index] is None:
+                key = row["unique_key"]
+                ids[index] = self._holder_of(key, at)
+                if ids[index] is None and key not in first_with_key:
                     new_rows.append((index, row))
+                    if key is not None:
+                        first_with_key[key] = index
             self._check_depth(len(new_rows))
             for index, row in new_rows:
-                ids[index] = self._holder_of(row["unique_key"], at) or self._insert_job(row)
+                ids[index] = self._insert_job(row)
+            for index, row in enumerate(rows):      # later duplicates of a key in this batch
+                if ids[index] is None:
+                    ids[index] = ids[first_with_key[row["unique_key"]]]
             return ids
 
     @staticmethod
@@ -716,30 +759,28 @@ class Queue:
             return {"task": item[0], "payload": item[1]}
         raise BadInput(f"enqueue_many: cannot read {item!r:.60} as a job")
 
-    def _job_row(self, task, payload=None, priority=None, unique=None, delay=None, ttl=None,
-                 max_attempts=None, timeout=None, memory_limit=None, at=None):
+    def _job_row(self, task, payload=None, at=None, **options):
         """Validate everything before any write: bad input changes nothing."""
+        given = parse_job_options(**options)
         defaults, _ = self._defaults_for(check_name(task))
-        delay_s = 0.0 if delay is None else parse_duration(delay, "delay")
-        ttl_s = defaults.ttl_s if ttl is None else parse_duration(ttl, "ttl", allow_zero=False)
+        unique = given["unique"]
         if unique is None or unique is False:
             unique_key = task if (unique is None and defaults.unique_task) else None
-        elif unique is True:
-            unique_key = task
         else:
-            unique_key = check_name(unique, "unique key")
-        due_at = at + delay_s
+            unique_key = task if unique is True else unique
+        ttl_s = defaults.ttl_s if given["ttl_s"] is None else given["ttl_s"]
+        due_at = at + given["delay_s"]
+
+        def pick(name):
+            return getattr(defaults, name) if given[name] is None else given[name]
         return {
             "task": task,
             "payload": dumps_json(payload),
-            "priority": defaults.priority if priority is None else parse_priority(priority),
+            "priority": pick("priority"),
             "unique_key": unique_key,
-            "max_attempts": (defaults.max_attempts if max_attempts is None
-                             else parse_positive_int(max_attempts, "max_attempts")),
-            "timeout_s": (defaults.timeout_s if timeout is None
-                          else parse_duration(timeout, "timeout", allow_zero=False)),
-            "memory_limit_bytes": (defaults.memory_limit_bytes if memory_limit is None
-                                   else parse_size(memory_limit, "memory_limit")),
+            "max_attempts": pick("max_attempts"),
+            "timeout_s": pick("timeout_s"),
+            "memory_limit_bytes": pick("memory_limit_bytes"),
             "shed": int(defaults.shed),
             "created_at": at,
             "due_at": due_at,
@@ -781,7 +822,9 @@ class Queue:
             " timeout_s, memory_limit_bytes, shed, created_at, due_at, expires_at)"
             " VALUES (:task, :payload, :priority, 'queued', :unique_key, :max_attempts,"
             " :timeout_s, :memory_limit_bytes, :shed, :created_at, :due_at, :expires_at)", row)
-        return self.conn.last_insert_rowid()
+        job_id = self.conn.last_insert_rowid()
+        self._event(row["created_at"], job_id, row["task"], "job", None, QUEUED, "enqueued")
+        return job_id
 
     def _finish(self, job_id, task, from_state, to_state, at, reason, error=None):
         """Move a job to a final state (inside a transaction) and record it."""
@@ -2271,13 +2314,16 @@ def _build_cli():
                 memory_limit):
         """Add a job and print its id."""
         value = None if payload is None else loads_json(payload)
+        options = dict(priority=priority, unique=unique, delay=delay, ttl=ttl,
+                       max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
+        check_name(task)                 # all input checked before the file is even opened
+        dumps_json(value)
+        parse_job_options(**options)
         queue = Queue(db)
         if not queue.is_known_task(task):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
                        f"(a typo?); enqueued with the global defaults", err=True)
-        job_id = queue.enqueue(task, value, priority=priority, unique=unique, delay=delay,
-                               ttl=ttl, max_attempts=max_attempts, timeout=timeout,
-                               memory_limit=memory_limit)
+        job_id = queue.enqueue(task, value, **options)
         click.echo(job_id)
 
     @cli.command()
