@@ -1730,10 +1730,12 @@ def _echo(ctx, **payload):
 
 
 def _sleep(ctx, seconds=1.0):
-    """Sleep, stopping early at a safe point if asked."""
-    deadline = time.monotonic() + float(seconds)
-    while time.monotonic() < deadline:
-        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    """Sleep, stopping early at a safe point if asked; resumes with the time left."""
+    deadline = time.monotonic() + float((ctx.checkpoint or {}).get("left_s", seconds))
+    while (left_s := deadline - time.monotonic()) > 0:
+        if ctx.stopping:
+            ctx.save({"left_s": left_s})      # does not return: the job stops here
+        time.sleep(min(0.05, left_s))
     return {"slept": seconds}
 
 
