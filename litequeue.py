@@ -501,10 +501,11 @@ class TaskDefaults:
     """A task's declared defaults, as stored in the catalogue."""
 
     __slots__ = ("name", "priority", "max_attempts", "timeout_s", "memory_limit_bytes",
-                 "ttl_s", "shed", "unique_task")
+                 "ttl_s", "shed", "unique_task", "breaker_failures", "breaker_window_s")
 
     def __init__(self, name, priority=NORMAL, max_attempts=DEFAULT_MAX_ATTEMPTS, timeout_s=None,
-                 memory_limit_bytes=None, ttl_s=None, shed=False, unique_task=False):
+                 memory_limit_bytes=None, ttl_s=None, shed=False, unique_task=False,
+                 breaker_failures=None, breaker_window_s=None):
         self.name = check_name(name)
         self.priority = parse_priority(priority)
         self.max_attempts = parse_positive_int(max_attempts, "max_attempts")
@@ -515,6 +516,12 @@ class TaskDefaults:
         self.ttl_s = None if ttl_s is None else parse_duration(ttl_s, "ttl", allow_zero=False)
         self.shed = bool(shed)
         self.unique_task = bool(unique_task)
+        # This task's own breaker thresholds; None: the supervisor's (--breaker-*).
+        self.breaker_failures = (None if breaker_failures is None
+                                 else parse_positive_int(breaker_failures, "breaker_failures"))
+        self.breaker_window_s = (None if breaker_window_s is None
+                                 else parse_duration(breaker_window_s, "breaker_window",
+                                                     allow_zero=False))
 
     def as_row(self):
         return {name: getattr(self, name) for name in self.__slots__}
@@ -523,16 +530,15 @@ class TaskDefaults:
         return isinstance(other, TaskDefaults) and self.as_row() == other.as_row()
 
 
+_CATALOGUE_COLUMNS = ", ".join(TaskDefaults.__slots__)
+
+
 def _store_catalogue_row(conn, defaults, at):
+    names = TaskDefaults.__slots__
     conn.execute(
-        "INSERT INTO tasks (name, priority, max_attempts, timeout_s, memory_limit_bytes, ttl_s,"
-        " shed, unique_task, updated_at) VALUES (:name, :priority, :max_attempts, :timeout_s,"
-        " :memory_limit_bytes, :ttl_s, :shed, :unique_task, :at)"
-        " ON CONFLICT (name) DO UPDATE SET priority = excluded.priority,"
-        " max_attempts = excluded.max_attempts, timeout_s = excluded.timeout_s,"
-        " memory_limit_bytes = excluded.memory_limit_bytes, ttl_s = excluded.ttl_s,"
-        " shed = excluded.shed, unique_task = excluded.unique_task,"
-        " updated_at = excluded.updated_at",
+        f"INSERT INTO tasks ({_CATALOGUE_COLUMNS}, updated_at)"
+        f" VALUES ({', '.join(':' + n for n in names)}, :at) ON CONFLICT (name) DO UPDATE SET"
+        f" {', '.join(f'{n} = excluded.{n}' for n in names[1:])}, updated_at = excluded.updated_at",
         {**defaults.as_row(), "at": at})
 
 
@@ -669,12 +675,14 @@ class Queue:
     # -- tasks --------------------------------------------------------------------------
 
     def task(self, fn=None, *, name=None, priority="normal", max_attempts=DEFAULT_MAX_ATTEMPTS,
-             timeout=None, memory_limit=None, ttl=None, shed=False, unique=False):
+             timeout=None, memory_limit=None, ttl=None, shed=False, unique=False,
+             breaker_failures=None, breaker_window=None):
         """Register a task (decorator, with or without arguments) and store its defaults in
         the file's catalogue."""
         def register(func):
             defaults = TaskDefaults(name or func.__name__, priority, max_attempts, timeout,
-                                    memory_limit, ttl, shed, unique)
+                                    memory_limit, ttl, shed, unique, breaker_failures,
+                                    breaker_window)
             task = Task(self, func, defaults)
             self.registry[task.name] = task
             self.store_catalogue([defaults])
@@ -693,16 +701,14 @@ class Queue:
 
     def catalogue(self):
         """{name: TaskDefaults} of every task this file knows."""
-        rows = self._read("SELECT name, priority, max_attempts, timeout_s, memory_limit_bytes,"
-                          " ttl_s, shed, unique_task FROM tasks")
+        rows = self._read(f"SELECT {_CATALOGUE_COLUMNS} FROM tasks")
         return {row["name"]: TaskDefaults(**row) for row in rows}
 
     def _defaults_for(self, name):
         task = self.registry.get(name)
         if task is not None:
             return task.defaults, True
-        rows = self._read("SELECT name, priority, max_attempts, timeout_s, memory_limit_bytes,"
-                          " ttl_s, shed, unique_task FROM tasks WHERE name = ?", (name,))
+        rows = self._read(f"SELECT {_CATALOGUE_COLUMNS} FROM tasks WHERE name = ?", (name,))
         if rows:
             return TaskDefaults(**rows[0]), True
         return TaskDefaults(name), False
@@ -1325,10 +1331,22 @@ def begin_trial(queue, task, job_id, at):
                                 "updated_at": at}, at, f"cooldown over, trial job {job_id}")
 
 
+def _policy_for(queue, task):
+    """The queue's breaker policy, with the task's own thresholds from the catalogue."""
+    policy = queue.breaker_policy
+    rows = queue.conn.execute("SELECT breaker_failures, breaker_window_s FROM tasks"
+                              " WHERE name = ?", (task,)).fetchall()
+    failures, window_s = rows[0] if rows else (None, None)
+    if failures is None and window_s is None:
+        return policy
+    return BreakerPolicy(failures or policy.failures, window_s or policy.window_s,
+                         policy.cooldown_s, policy.max_cooldown_s)
+
+
 def breaker_failed(queue, task, job_id, at):
     row = _load_breaker(queue.conn, task, at)
-    _store_breaker(queue, row, breaker_after_failure(row, at, queue.breaker_policy, job_id),
-                   at, f"job {job_id} failed")
+    after = breaker_after_failure(row, at, _policy_for(queue, task), job_id)
+    _store_breaker(queue, row, after, at, f"job {job_id} failed")
 
 
 def breaker_success(queue, task, job_id, at):

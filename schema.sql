@@ -20,6 +20,8 @@ CREATE TABLE tasks (
     ttl_s              REAL,
     shed               INTEGER NOT NULL DEFAULT 0,
     unique_task        INTEGER NOT NULL DEFAULT 0,
+    breaker_failures   INTEGER,                  -- NULL: the supervisor's --breaker-failures
+    breaker_window_s   REAL,                     -- NULL: the supervisor's --breaker-window
     updated_at         REAL NOT NULL
 ) WITHOUT ROWID;
 

@@ -143,7 +143,8 @@ def test_while_open_its_jobs_stay_queued_and_uncharged_and_others_run(queue):
             job = queue.get(job_id)
             assert (job.state, job.attempts, job.started_at, job.owner) == (
                 "queued", 0, None, None)
-            assert queue.events(job_id=job_id) == []      # untouched
+            # untouched since it was enqueued
+            assert [e["reason"] for e in queue.events(job_id=job_id)] == ["enqueued"]
         assert queue.status()["breakers"]["flaky"] == "open"
 
 
@@ -503,3 +504,28 @@ def test_a_task_crashing_its_child_three_times_opens_its_breaker_under_serve(tmp
         assert (q.get(crashing[3]).state, q.get(crashing[3]).attempts) == ("queued", 0)
     finally:
         q.close()
+
+
+def test_a_task_declares_its_own_breaker_thresholds(tmp_path):
+    """@task(breaker_failures=1) opens that task's breaker on its first failure, while another
+    task keeps the global three, and a second process (no registry) applies the stored value."""
+    path = str(tmp_path / "own.db")
+    app = litequeue.Queue(path)
+
+    @app.task(breaker_failures=1, breaker_window=10, max_attempts=5)
+    def fragile(ctx):
+        pass
+
+    @app.task(max_attempts=5)
+    def sturdy(ctx):
+        pass
+
+    worker = litequeue.Queue(path)          # knows the thresholds only from the catalogue
+    for name in ("fragile", "sturdy"):
+        worker.enqueue(name)
+        job = worker.claim("w", tasks=[name])[0]
+        worker.fail(job.id, "w", job.attempts, "boom")
+    states = {b["task"]: b["state"] for b in litequeue.list_breakers(worker)}
+    assert states == {"fragile": "open", "sturdy": "closed"}
+    assert app.catalogue()["fragile"].breaker_failures == 1
+    assert app.catalogue()["fragile"].breaker_window_s == 10.0
