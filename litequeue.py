@@ -35,6 +35,15 @@ How the pieces talk (nothing but the file is shared):
        next ctx.save(); SIGKILL after the grace period; children die with the supervisor.
 """
 
+if __name__ == "__main__":
+    # Run as `python litequeue.py`, this file is __main__. Hand over at once to the module
+    # imported by its name (from its cached bytecode), so that user code
+    # (`from litequeue import Queue`), the supervisor and its children share one module
+    # object, one Queue class and one exception tree, and this body is not run twice.
+    import sys
+    import litequeue
+    sys.exit(litequeue.main())
+
 import contextlib
 import json
 import logging
@@ -2471,10 +2480,3 @@ def main(argv=None):
         print(f"litequeue: error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-
-if __name__ == "__main__":
-    # Run as `python litequeue.py`, this file is __main__. Import it again by name so that
-    # user code (`from litequeue import Queue`), the supervisor and its children share one
-    # module object: one Queue class, one exception tree.
-    import litequeue
-    sys.exit(litequeue.main())
