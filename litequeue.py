@@ -50,10 +50,8 @@ import logging
 import os
 import random
 import signal
-import socket
 import sys
 import time
-import traceback
 
 import apsw
 
@@ -1700,6 +1698,7 @@ def _call_task(fn, ctx, payload):
 
 def _child_main(spec, job, fn, owner, memory_limit_bytes):
     """Entry point of a job's child process."""
+    import traceback
     # SIGUSR1 is the supervisor asking for a stop. SIGTERM is treated the same way: systemd
     # (KillMode=control-group) sends it to every process of the service, and the job should
     # then stop at its next checkpoint like the supervisor does, not die as a failure.
@@ -1865,7 +1864,7 @@ class Supervisor:
         self.notice_s = notice
         self.tasks = dict(tasks if tasks is not None else queue.registry)
         self.tasks.setdefault("heartbeat", builtin_tasks(queue)["heartbeat"])
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{random.randrange(1 << 32):08x}"
+        self.id = f"{os.uname().nodename}:{os.getpid()}:{random.randrange(1 << 32):08x}"
         self.pressure = None
         self._runs = {}
         self._stopping = self._stop_now = self._finished = False
@@ -1950,7 +1949,7 @@ class Supervisor:
             self.queue.conn.execute(
                 "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
                 " tasks) VALUES (?, ?, ?, ?, ?, ?)",
-                (self.id, socket.gethostname(), os.getpid(), started_at, now(),
+                (self.id, os.uname().nodename, os.getpid(), started_at, now(),
                  json.dumps(sorted(self.tasks))))
 
     def _unregister(self):
@@ -1983,7 +1982,7 @@ class Supervisor:
         (heartbeat) expired. Recoveries are charged, so a job that keeps killing its
         supervisor ends dead instead of looping."""
         import psutil
-        host = socket.gethostname()
+        host = os.uname().nodename
         rows = self.queue._read("SELECT id, host, pid, started_at, heartbeat_at FROM supervisors")
         dead = set()
         for sup in rows:
