@@ -1708,6 +1708,7 @@ def _child_main(spec, job, fn, owner, memory_limit_bytes):
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_asked.append(True))
     _die_with_parent(spec)
+    os.setpgid(0, 0)          # its own process group: a kill takes the programs it started too
     _limit_memory(memory_limit_bytes)
     queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
                   breaker=spec.breaker_policy)
@@ -2062,6 +2063,9 @@ class Supervisor:
     @staticmethod
     def _signal(run, signum):
         with contextlib.suppress(ProcessLookupError):
+            if signum == signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(run.process.pid, signum)     # the job and what it started
             os.kill(run.process.pid, signum)
 
     def _ask_stop(self, run, reason, at, detail):
@@ -2134,6 +2138,8 @@ class Supervisor:
         process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
                                    args=(self._spec, job, self.tasks[job.task].fn, self.id, limit))
         process.start()
+        with contextlib.suppress(OSError):        # also set in the child: whichever runs first
+            os.setpgid(process.pid, process.pid)
         self._runs[job.id] = _Run(job, process, at, limit)
         log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
                  job.max_attempts, process.pid)
