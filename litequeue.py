@@ -1375,6 +1375,10 @@ def reset_breaker(queue, task):
     """Close a task's breaker by hand."""
     with queue._tx():
         at = now()
+        known = queue.conn.execute("SELECT 1 FROM tasks WHERE name = ? UNION ALL SELECT 1 FROM"
+                                   " breakers WHERE task = ?", (task, task)).fetchall()
+        if not known:
+            raise UnknownTask(f"no task {task!r} in this file's catalogue or breakers")
         row = _load_breaker(queue.conn, task, at)
         _store_breaker(queue, row, new_breaker(task, at), at, "reset by hand")
         return row["state"]
@@ -1564,6 +1568,31 @@ class CgroupMemory:
         return 100.0 * max(0, used) / self.limit_bytes
 
 
+def process_tree(pid):
+    """pid and every process below it (programs a task started count as the job's), read
+    from /proc/PID/task/TID/children: no scan of all of /proc."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        try:
+            threads = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as f:
+                    pending.extend(int(child) for child in f.read().split())
+            except (OSError, ValueError):
+                pass
+    return tree
+
+
+def job_rss_bytes(pid):
+    """Resident bytes of a job: its child and whatever that child started."""
+    return sum(process_rss_bytes(p) or 0 for p in process_tree(pid))
+
+
 def process_rss_bytes(pid):
     """Resident bytes of one process, from /proc/PID/statm (cheap), or None if it is gone."""
     try:
@@ -1614,7 +1643,8 @@ class MemoryProbe:
         machine = self.machine_percent()
         if not self.budget_bytes:
             return MemoryReading(machine, machine)
-        tree = process_pss_bytes(os.getpid()) + sum(process_pss_bytes(p) for p in child_pids)
+        pids = [os.getpid()] + [p for child in child_pids for p in process_tree(child)]
+        tree = sum(process_pss_bytes(p) for p in pids)
         budget = 100.0 * tree / self.budget_bytes
         return MemoryReading(max(machine, budget), machine, tree, budget)
 
@@ -2027,7 +2057,7 @@ class Supervisor:
             self.queue.record_event("level", before, level, "memory pressure",
                                     pressure=reading.pressure)
         for run in self._runs.values():
-            run.rss_bytes = process_rss_bytes(run.process.pid) or run.rss_bytes
+            run.rss_bytes = job_rss_bytes(run.process.pid) or run.rss_bytes
         self._enforce_limits(at)
         plan = plan_memory(level, [r.view() for r in self._runs.values()])
         for job_id in plan.kill:

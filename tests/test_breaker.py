@@ -529,3 +529,12 @@ def test_a_task_declares_its_own_breaker_thresholds(tmp_path):
     assert states == {"fragile": "open", "sturdy": "closed"}
     assert app.catalogue()["fragile"].breaker_failures == 1
     assert app.catalogue()["fragile"].breaker_window_s == 10.0
+
+
+def test_reset_of_a_task_the_file_never_heard_of_is_bad_input(tmp_path):
+    db = tmp_path / "reset.db"
+    litequeue.Queue(str(db)).close()
+    result = run_cli("breaker", "reset", "no_such_task", db=db)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no_such_task" in result.stderr
+    assert "Traceback" not in result.stderr

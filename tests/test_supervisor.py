@@ -266,6 +266,17 @@ APP_MEMORY = """
             area[offset] = 1
         time.sleep(30)
         return "survived"
+
+    @queue.task(max_attempts=1)
+    def spawns_hogs(ctx, mb=150):
+        # The child stays small; two programs it starts hold the memory, each under the
+        # rlimit they inherit, together over the job's limit. All of it is the job's.
+        import subprocess, sys
+        program = f"b = bytearray(b'x') * ({mb} << 20); import time; time.sleep(30)"
+        programs = [subprocess.Popen([sys.executable, "-c", program]) for _ in range(2)]
+        for p in programs:
+            p.wait()
+        return "survived"
 """
 
 
@@ -308,6 +319,20 @@ def test_rss_polling_kills_memory_the_rlimit_does_not_count(tmp_path, db_path, s
     assert server.alive()
     assert server.terminate() == 0
     assert_no_children_left(server)
+
+
+def test_memory_of_programs_a_task_starts_counts_against_its_limit(tmp_path, db_path, serve):
+    app = write_app(tmp_path, APP_MEMORY)
+    server = serve("--app", app, "--memory-limit", "200M", *FAST)
+    wait_for(server.registered)
+    with litequeue.Queue(db_path) as q:
+        hog = q.enqueue("spawns_hogs", {"mb": 150})
+    wait_for(lambda: state_of(db_path, hog) == "dead", timeout=20)
+    error = get(db_path, hog).error
+    assert re.search(r"memory limit exceeded: \d+ MiB > 200 MiB", error), error
+    assert server.terminate() == 0
+    assert_no_children_left(server)
+    assert not processes_naming("bytearray(b'x') * (150 << 20)")
 
 
 def test_task_past_its_timeout_is_killed_then_dead(tmp_path, db_path, serve):
