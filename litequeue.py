@@ -46,7 +46,6 @@ if __name__ == "__main__":
 
 import contextlib
 import json
-import logging
 import os
 import random
 import signal
@@ -63,7 +62,16 @@ __all__ = (
     "StopRequested", "parse_size", "parse_duration", "main",
 )
 
-log = logging.getLogger("litequeue")
+class _Log:
+    """The "litequeue" logger, imported on first use: `litequeue.py enqueue` from cron never
+    pays for the logging package."""
+
+    def __getattr__(self, name):
+        import logging
+        return getattr(logging.getLogger("litequeue"), name)
+
+
+log = _Log()
 
 
 # ======================================================================================
@@ -1164,10 +1172,11 @@ class Queue:
         return [row["id"] for row in rows]
 
     def record_event(self, kind, from_state, to_state, reason, *, job_id=None, task=None,
-                     pressure=None):
+                     pressure=None, at=None):
         """A supervisor decision or level change, kept with the jobs it concerns."""
         with self._tx():
-            self._event(now(), job_id, task, kind, from_state, to_state, reason, pressure)
+            self._event(now() if at is None else at, job_id, task, kind, from_state, to_state,
+                        reason, pressure)
 
     # -- status -------------------------------------------------------------------------
 
@@ -1849,6 +1858,26 @@ def builtin_tasks(queue, demos=False):
 # Supervisor
 # ======================================================================================
 
+def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
+                       thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
+                       jobs_per_child=1):
+    """The supervisor's options, validated (BadInput otherwise) and in units."""
+    if parse_positive_int(jobs_per_child, "jobs_per_child") != 1:
+        raise BadInput("jobs_per_child above 1 (pooled children) is not supported yet: "
+                       "every job runs in a fresh child")
+    return {
+        "slots": parse_positive_int(slots, "slots"),
+        "memory_limit_bytes": parse_size(memory_limit, "memory_limit"),
+        "memory_budget_bytes": (None if memory_budget is None
+                                else parse_size(memory_budget, "memory_budget")),
+        "poll_s": parse_duration(poll, "poll", allow_zero=False),
+        "tracker": LevelTracker(thresholds, margin, parse_duration(hold, "hold")),
+        "grace_s": parse_duration(grace, "grace"),
+        "keep_s": None if keep is None else parse_duration(keep, "keep"),
+        "jobs_per_child": 1,
+    }
+
+
 class _Run:
     """A job running in a child, as the supervisor tracks it."""
 
@@ -1879,18 +1908,13 @@ class Supervisor:
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
                  jobs_per_child=1, burst=False, tasks=None, probe=None, notice=0.01):
         self.queue = queue
-        self.slots = parse_positive_int(slots, "slots")
-        self.memory_limit_bytes = parse_size(memory_limit, "memory_limit")
-        budget = None if memory_budget is None else parse_size(memory_budget, "memory_budget")
-        self.probe = probe or MemoryProbe(budget)
-        self.poll_s = parse_duration(poll, "poll", allow_zero=False)
-        self.tracker = LevelTracker(thresholds, margin, parse_duration(hold, "hold"))
-        self.grace_s = parse_duration(grace, "grace")
-        self.keep_s = None if keep is None else parse_duration(keep, "keep")
-        self.jobs_per_child = parse_positive_int(jobs_per_child, "jobs_per_child")
-        if self.jobs_per_child != 1:
-            raise BadInput("jobs_per_child above 1 (pooled children) is not supported yet: "
-                           "every job runs in a fresh child")
+        options = supervisor_options(slots, memory_limit, memory_budget, poll, thresholds,
+                                     margin, hold, grace, keep, jobs_per_child)
+        self.slots, self.memory_limit_bytes = options["slots"], options["memory_limit_bytes"]
+        self.probe = probe or MemoryProbe(options["memory_budget_bytes"])
+        self.poll_s, self.tracker = options["poll_s"], options["tracker"]
+        self.grace_s, self.keep_s = options["grace_s"], options["keep_s"]
+        self.jobs_per_child = options["jobs_per_child"]
         self.burst = burst
         self.notice_s = notice
         self.tasks = dict(tasks if tasks is not None else queue.registry)
@@ -1949,7 +1973,7 @@ class Supervisor:
         """One round: reap, heartbeat, watch memory, stop or start jobs. Returns the time at
         which it next has something to do."""
         at = now() if at is None else at
-        self._reap(at)
+        reaped = self._reap(at)
         if at >= self._next_heartbeat_at:
             self._heartbeat(at)
             self._recover_orphans(at)
@@ -1964,7 +1988,7 @@ class Supervisor:
             self._apply_cancels(at)
         if self._stopping:
             self._shut_down(at)
-        elif changed or polled:
+        elif changed or polled or reaped:        # a freed slot is refilled at once
             self._start_jobs(at)
         if self.keep_s is not None and at >= self._next_purge_at:
             self._retain(at)
@@ -2055,7 +2079,7 @@ class Supervisor:
         if level != before:
             log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
             self.queue.record_event("level", before, level, "memory pressure",
-                                    pressure=reading.pressure)
+                                    pressure=reading.pressure, at=at)
         for run in self._runs.values():
             run.rss_bytes = job_rss_bytes(run.process.pid) or run.rss_bytes
         self._enforce_limits(at)
@@ -2085,8 +2109,7 @@ class Supervisor:
                 run.kill_at = at + min(self.grace_s, 5.0)
                 self._signal(run, signal.SIGTERM)
             elif run.kill_at is not None and at >= run.kill_at:
-                run.kill_at = None
-                self._signal(run, signal.SIGKILL)
+                self._kill(run, run.stop_reason, at, f"{run.detail}: no checkpoint within the grace")
 
     # -- stopping children --------------------------------------------------------------
 
@@ -2105,14 +2128,18 @@ class Supervisor:
         log.info("job %d %s asked to stop: %s", run.job.id, run.job.task, detail)
         if reason == "preempt":
             self.queue.record_event("decision", RUNNING, "preempt", detail, job_id=run.job.id,
-                                    task=run.job.task, pressure=self.pressure)
+                                    task=run.job.task, pressure=self.pressure, at=at)
 
     def _kill(self, run, reason, at, detail):
-        run.stop_reason, run.detail, run.kill_at = reason, detail, None
+        """SIGKILL now, recorded with the pressure. A kill at the end of a grace keeps the
+        reason it was asked to stop for (the job's error says timeout, not 'killed')."""
+        if run.kill_at is None:
+            run.stop_reason, run.detail = reason, detail
+        run.kill_at = None
         self._signal(run, signal.SIGKILL)
         log.warning("job %d %s killed: %s", run.job.id, run.job.task, detail)
         self.queue.record_event("decision", RUNNING, "kill", detail, job_id=run.job.id,
-                                task=run.job.task, pressure=self.pressure)
+                                task=run.job.task, pressure=self.pressure, at=at)
 
     def _apply_cancels(self, at):
         if not self._runs:
@@ -2175,10 +2202,13 @@ class Supervisor:
                  job.max_attempts, process.pid)
 
     def _reap(self, at):
-        for run in [r for r in self._runs.values() if r.process.exitcode is not None]:
+        """Settle every child that has ended; returns how many (each freed a slot)."""
+        ended = [r for r in self._runs.values() if r.process.exitcode is not None]
+        for run in ended:
             del self._runs[run.job.id]
             self._settle(run, at)
             run.process.close()
+        return len(ended)
 
     def _settle(self, run, at):
         """A child has ended: if it did not record its own outcome, record why it ended."""
@@ -2365,16 +2395,18 @@ def _build_cli():
             raise BadInput(f"--thresholds {thresholds!r} / --margin {margin!r}: numbers, "
                            f"like 70,85,95 and 5") from None
         policy = BreakerPolicy(breaker_failures, breaker_window, breaker_cooldown)
+        options = dict(slots=slots, memory_limit=memory_limit, memory_budget=memory_budget,
+                       poll=poll, thresholds=levels, margin=margin_pct, hold=hold, grace=grace,
+                       keep=keep, jobs_per_child=jobs_per_child)
+        supervisor_options(**options)    # all input checked before the file is even opened
         tasks = load_app(app) if app else None
         queue = Queue(db, durable=durability == "full", breaker=policy)
         if tasks is None:
             tasks = builtin_tasks(queue, demos=True)
+        import logging
         logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s litequeue[%(process)d] %(levelname)s %(message)s")
-        supervisor = Supervisor(
-            queue, slots=slots, memory_limit=memory_limit, memory_budget=memory_budget,
-            poll=poll, thresholds=levels, margin=margin_pct, hold=hold, grace=grace, keep=keep,
-            jobs_per_child=jobs_per_child, burst=burst, tasks=tasks)
+        supervisor = Supervisor(queue, burst=burst, tasks=tasks, **options)
         return supervisor.run()
 
     @cli.command()
