@@ -301,6 +301,11 @@ def parse_job_options(priority=None, unique=None, delay=None, ttl=None, max_atte
     }
 
 
+def _checked_input(task, payload=None, **options):
+    """(task, payload as JSON, options) of an enqueue, all validated before any write."""
+    return check_name(task), dumps_json(payload), parse_job_options(**options)
+
+
 def check_name(value, what="task name"):
     if (not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS or "\0" in value
             or not _is_utf8(value)):
@@ -414,9 +419,13 @@ def _migrate(conn, path, version):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S):
-    """An apsw connection to a checked litequeue file, created (0600) if missing."""
+def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, checked=False):
+    """An apsw connection to a checked litequeue file, created (0600) if missing.
+    checked=True: the caller (a job's child) knows the file was checked moments ago."""
     path = os.fspath(path)
+    if checked:
+        return _configure(apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE), path,
+                          durable, busy_timeout_s)
     if os.path.isdir(path):
         raise DatabaseUnusable(f"{path} is a directory, not a database file")
     if not os.path.exists(path):
@@ -431,17 +440,27 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S):
         _check_identity(conn, path)
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
+    except BaseException as exc:
+        conn.close()                  # refused or failed: leave nothing open on the file
+        if isinstance(exc, apsw.Error):
+            raise _translate(exc, path) from None
+        raise
+    return _configure(conn, path, durable, busy_timeout_s)
+
+
+def _configure(conn, path, durable, busy_timeout_s):
+    """The per-connection pragmas."""
+    try:
+        conn.set_busy_timeout(int(busy_timeout_s * 1000))
         # FULL: a commit that returned survives power loss. NORMAL: survives any process
         # crash, and the last commits may roll back on power loss; no fsync per commit.
         conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         # Keep the WAL from staying large after a burst once it has been checkpointed.
         conn.execute("PRAGMA journal_size_limit = 4194304")
         return conn
-    except BaseException as exc:
-        conn.close()                  # refused or failed: leave nothing open on the file
-        if isinstance(exc, apsw.Error):
-            raise _translate(exc, path) from None
-        raise
+    except apsw.Error as exc:
+        conn.close()
+        raise _translate(exc, path) from None
 
 
 @contextlib.contextmanager
@@ -617,6 +636,13 @@ class Context:
             self._queue.set_progress(self.job_id, self._owner, self.attempt, done, total)
 
 
+class _Lease:
+    __slots__ = ("task", "attempts", "max_attempts")
+
+    def __init__(self, task, attempts, max_attempts):
+        self.task, self.attempts, self.max_attempts = task, attempts, max_attempts
+
+
 def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.random):
     """Delay before retry number `attempts`: doubling from base, capped, with +-20% jitter so
     that jobs failing together do not retry together."""
@@ -632,13 +658,14 @@ class Queue:
     """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task."""
 
     def __init__(self, path=None, max_depth=None, *, durable=True,
-                 busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None):
+                 busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None, _checked=False):
         self.path = os.fspath(path) if path is not None else default_db_path()
         self.durable = durable
         self.busy_timeout_s = parse_duration(busy_timeout, "busy_timeout")
         self.breaker_policy = breaker or BreakerPolicy()
         self.registry = {}
-        self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s)
+        self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s,
+                                  checked=_checked)
         if max_depth is not None:
             self.set_max_depth(max_depth)
 
@@ -738,10 +765,11 @@ class Queue:
         """Add a job and return its id (or the id of the waiting job holding the same unique
         key). Raises QueueFull when max_depth jobs are queued."""
         at = now()
-        row = self._job_row(task, payload, at, priority=priority, unique=unique, delay=delay,
-                            ttl=ttl, max_attempts=max_attempts, timeout=timeout,
-                            memory_limit=memory_limit)
+        checked = _checked_input(task, payload, priority=priority, unique=unique, delay=delay,
+                                 ttl=ttl, max_attempts=max_attempts, timeout=timeout,
+                                 memory_limit=memory_limit)
         with self._tx():
+            row = self._job_row(*checked, at)
             existing = self._holder_of(row["unique_key"], at)
             if existing is not None:
                 return existing
@@ -752,8 +780,9 @@ class Queue:
         """Enqueue a batch in one transaction; all or nothing. Each item is a task name, a
         (task, payload) pair, or a dict of enqueue's arguments. Returns the ids in order."""
         at = now()
-        rows = [self._job_row(**self._as_enqueue_args(item), at=at) for item in jobs]
+        checked = [_checked_input(**self._as_enqueue_args(item)) for item in jobs]
         with self._tx():
+            rows = [self._job_row(*item, at) for item in checked]
             ids, new_rows, first_with_key = [None] * len(rows), [], {}
             for index, row in enumerate(rows):
                 key = row["unique_key"]
@@ -780,10 +809,10 @@ class Queue:
             return {"task": item[0], "payload": item[1]}
         raise BadInput(f"enqueue_many: cannot read {item!r:.60} as a job")
 
-    def _job_row(self, task, payload=None, at=None, **options):
-        """Validate everything before any write: bad input changes nothing."""
-        given = parse_job_options(**options)
-        defaults, _ = self._defaults_for(check_name(task))
+    def _job_row(self, task, payload_json, given, at):
+        """The row of a new job: checked input over the task's defaults (read inside the
+        enqueue's transaction, so an enqueue is one transaction, not a read and a write)."""
+        defaults, _ = self._defaults_for(task)
         unique = given["unique"]
         if unique is None or unique is False:
             unique_key = task if (unique is None and defaults.unique_task) else None
@@ -796,7 +825,7 @@ class Queue:
             return getattr(defaults, name) if given[name] is None else given[name]
         return {
             "task": task,
-            "payload": dumps_json(payload),
+            "payload": payload_json,
             "priority": pick("priority"),
             "unique_key": unique_key,
             "max_attempts": pick("max_attempts"),
@@ -1048,18 +1077,14 @@ class Queue:
             raise _translate(exc, self.path) from None
         return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
 
-    def _running_job(self, job_id, owner, attempt):
-        """The job if it still runs under this lease, else None."""
-        rows = _rows(self.conn.execute(
-            "SELECT * FROM jobs WHERE id = ? AND state = 'running' AND owner = ? AND attempts = ?",
-            (job_id, owner, attempt)))
-        return Job(rows[0]) if rows else None
-
     def _leased(self, job_id, owner, attempt):
-        job = self._running_job(job_id, owner, attempt)
-        if job is None:
+        """(task, attempts, max_attempts) of a job running under this lease; LeaseLost if not."""
+        rows = self.conn.execute(
+            "SELECT task, attempts, max_attempts FROM jobs WHERE id = ? AND state = 'running'"
+            " AND owner = ? AND attempts = ?", (job_id, owner, attempt)).fetchall()
+        if not rows:
             raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
-        return job
+        return _Lease(*rows[0])
 
     def complete(self, job_id, owner, attempt, result=None):
         """Mark a leased job done with its JSON result."""
@@ -1750,7 +1775,7 @@ def _child_main(spec, job, fn, owner, memory_limit_bytes):
     os.setpgid(0, 0)          # its own process group: a kill takes the programs it started too
     _limit_memory(memory_limit_bytes)
     queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
-                  breaker=spec.breaker_policy)
+                  breaker=spec.breaker_policy, _checked=True)
     ctx = Context(queue, job, owner)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda *_: ctx.ask_stop())
@@ -2244,9 +2269,9 @@ class Supervisor:
         """A child has ended: if it did not record its own outcome, record why it ended."""
         job, code = run.job, run.process.exitcode
         lease = (job.id, self.id, job.attempts)
-        still_running = self.queue._running_job(*lease)
-        if still_running is None:                  # the child recorded done or a failure
-            self._log_outcome(job, at)
+        latest = self.queue.get(job.id)
+        if (latest.state, latest.owner, latest.attempts) != (RUNNING, self.id, job.attempts):
+            self._log_outcome(job, latest, at)     # the child recorded done or a failure
             return
         if run.stop_reason is None and (code == EXIT_CHILD_STOPPED or code == -signal.SIGTERM):
             # Stopped by a signal from outside (systemd's SIGTERM to the whole group reached
@@ -2258,8 +2283,7 @@ class Supervisor:
                 self.queue.finish_cancelled(*lease)
                 state = CANCELLED
             elif reason in ("preempt", "emergency", "shutdown"):
-                saved = (still_running.checkpoint_at is not None
-                         and still_running.checkpoint_at >= run.started_at)
+                saved = latest.checkpoint_at is not None and latest.checkpoint_at >= run.started_at
                 charge = reason != "shutdown" and not saved
                 why = run.detail if not charge else (
                     f"memory pressure: {run.detail}, stopped before saving a checkpoint")
@@ -2278,8 +2302,8 @@ class Supervisor:
             return f"killed by signal {-code}"
         return f"child exited with code {code} without recording a result"
 
-    def _log_outcome(self, job, at):
-        latest = self.queue.get(job.id)
+    @staticmethod
+    def _log_outcome(job, latest, at):
         if latest.state == DONE:
             log.info("job %d %s done in %.3fs", job.id, job.task, at - job.started_at)
         else:
@@ -2489,9 +2513,7 @@ def _build_cli():
         value = None if payload is None else loads_json(payload)
         options = dict(priority=priority, unique=unique, delay=delay, ttl=ttl,
                        max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
-        check_name(task)                 # all input checked before the file is even opened
-        dumps_json(value)
-        parse_job_options(**options)
+        _checked_input(task, value, **options)   # all input checked before the file is opened
         queue = Queue(db)
         if not queue.is_known_task(task):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
