@@ -92,9 +92,12 @@ LEVELS = ("normal", "skip", "preempt", "emergency")
 EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
 EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
-MIGRATIONS = {}                  # {version: SQL taking a file from version to version + 1}
+MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
+    1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
+       "ALTER TABLE tasks ADD COLUMN breaker_window_s REAL;",
+}
 
 MiB = 1 << 20
 DEFAULT_MAX_ATTEMPTS = 3

@@ -1,4 +1,4 @@
--- litequeue schema, version 1 (PRAGMA user_version = 1).
+-- litequeue schema, version 2 (PRAGMA user_version = 2).
 -- This file is the whole current schema. Connection pragmas (WAL, synchronous, busy
 -- timeout) live in litequeue.py; schema changes get a migration step there too.
 -- Times are epoch seconds (REAL), always bound from Python, never computed in SQL.
@@ -20,10 +20,10 @@ CREATE TABLE tasks (
     ttl_s              REAL,
     shed               INTEGER NOT NULL DEFAULT 0,
     unique_task        INTEGER NOT NULL DEFAULT 0,
+    updated_at         REAL NOT NULL,
     breaker_failures   INTEGER,                  -- NULL: the supervisor's --breaker-failures
-    breaker_window_s   REAL,                     -- NULL: the supervisor's --breaker-window
-    updated_at         REAL NOT NULL
-) WITHOUT ROWID;
+    breaker_window_s   REAL                      -- NULL: the supervisor's --breaker-window
+) WITHOUT ROWID;                                 -- (v2: the breaker columns, added last)
 
 CREATE TABLE jobs (
     id                 INTEGER PRIMARY KEY,
