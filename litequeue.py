@@ -96,7 +96,8 @@ SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
 MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
     1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
-       "ALTER TABLE tasks ADD COLUMN breaker_window_s REAL;",
+       "ALTER TABLE tasks ADD COLUMN breaker_window_s REAL;"
+       "DROP INDEX events_at;",
 }
 
 MiB = 1 << 20
@@ -1042,18 +1043,12 @@ class Queue:
                     if row["task"] in trial_tasks:
                         begin_trial(self, row["task"], row["id"], at)
                         blocked.add(row["task"])           # exactly one trial job
-                    self.conn.execute(
+                    claimed += _rows(self.conn.execute(
                         "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
-                        " attempts = attempts + 1, pid = NULL WHERE id = ?",
-                        (owner, at, row["id"]))
+                        " attempts = attempts + 1, pid = NULL WHERE id = ? RETURNING *",
+                        (owner, at, row["id"])))
                     self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
-                    claimed.append(row["id"])
-            if not claimed:
-                return []
-            marks = ",".join("?" * len(claimed))
-            rows = _rows(self.conn.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", claimed))
-        order = {job_id: i for i, job_id in enumerate(claimed)}
-        return sorted((Job(r) for r in rows), key=lambda job: order[job.id])
+        return [Job(row) for row in claimed]
 
     def _next_due(self, priority, at, served, blocked):
         # One range scan of the claim index per priority: cost does not grow with the queue.
@@ -1094,13 +1089,17 @@ class Queue:
         text = dumps_json(result, "result")
         with self._tx():
             at = now()
-            job = self._leased(job_id, owner, attempt)
-            self.conn.execute(
+            # The lease check and the update in one statement.
+            rows = self.conn.execute(
                 "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
-                " pid = NULL, error = NULL WHERE id = ?", (text, at, job_id))
-            self._event(at, job_id, job.task, "job", RUNNING, DONE, None)
-            breaker_success(self, job.task, job_id, at)
-            if job.task == "heartbeat":
+                " pid = NULL, error = NULL WHERE id = ? AND state = 'running' AND owner = ?"
+                " AND attempts = ? RETURNING task", (text, at, job_id, owner, attempt)).fetchall()
+            if not rows:
+                raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+            task = rows[0][0]
+            self._event(at, job_id, task, "job", RUNNING, DONE, None)
+            breaker_success(self, task, job_id, at)
+            if task == "heartbeat":
                 self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
                                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                                   (repr(at),))

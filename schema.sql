@@ -81,8 +81,9 @@ CREATE TABLE events (
     reason     TEXT,
     pressure   REAL
 );
+-- Purge finds old job-less events through this index too (job_id IS NULL), so an enqueue
+-- writes no second events index.
 CREATE INDEX events_job ON events (job_id);
-CREATE INDEX events_at ON events (at);
 
 -- Circuit breakers, one per task name, shared by every supervisor on the file.
 CREATE TABLE breakers (
