@@ -193,7 +193,7 @@ def print_events(queue, started):
         reason = event["reason"] or ""
         if event["kind"] == "job" and event["to_state"] in ("running", "queued") and \
                 event["from_state"] in (None, "queued"):
-            reason = ""                  # "enqueued", or the claiming supervisor's id
+            reason = ""                  # the claiming supervisor's id
         pressure = "" if event["pressure"] is None else f"  [{event['pressure']:.1f} %]"
         print(f"   {at:5.1f}s {event['kind']:<8} {job:<4} {event['task'] or '-':<10}"
               f"{event['from_state'] or 'new'} -> {event['to_state']}  {reason}{pressure}"

@@ -915,3 +915,42 @@ def test_real_pressure_counts_what_a_job_runs_in_its_own_subprocesses(tmp_path):
         assert wait_state(q, job_id, "done", "dead").state == "done"
         assert "skip" in levels_seen(q), "the memory of the job's subprocess was not counted"
         assert job.state == "skipped"
+
+
+def test_probe_estimate_tracks_real_pss_across_forks_and_growth(tmp_path):
+    """The probe reads PSS only now and then and estimates from RSS in between; the estimate
+    must match a full PSS read after a fork (sharing changed) and while a child grows."""
+    import multiprocessing
+
+    MiB = 1 << 20
+    probe = litequeue.MemoryProbe(1 << 30)
+    ctx = multiprocessing.get_context("fork")
+    grow, release, grown_one = ctx.Event(), ctx.Event(), ctx.Semaphore(0)
+
+    def child(grow, release, grown_one):
+        grow.wait()
+        block = bytearray(b"x") * (60 * MiB)
+        grown_one.release()
+        release.wait()
+        return len(block)
+
+    def exact(pids):
+        return sum(litequeue.process_pss_bytes(p) for p in [os.getpid(), *pids])
+
+    before = probe.read([]).tree_bytes
+    children = [ctx.Process(target=child, args=(grow, release, grown_one)) for _ in range(2)]
+    for c in children:
+        c.start()
+    try:
+        pids = [c.pid for c in children]
+        after_fork = probe.read(pids).tree_bytes
+        assert abs(after_fork - exact(pids)) < 3 * MiB, (before, after_fork, exact(pids))
+        grow.set()
+        assert grown_one.acquire(timeout=20) and grown_one.acquire(timeout=20)
+        grown = probe.read(pids).tree_bytes          # within the 1 s between full reads
+        assert grown - after_fork > 110 * MiB
+        assert abs(grown - exact(pids)) < 6 * MiB, (grown, exact(pids))
+    finally:
+        release.set()
+        for c in children:
+            c.join(10)

@@ -862,12 +862,16 @@ def test_every_state_change_writes_an_event(queue):
         assert event["at"] is not None and event["task"] == "echo"
 
 
-def test_enqueue_records_the_new_job_in_events(queue):
+def test_creation_is_the_row_and_every_change_after_it_an_event(queue):
     with frozen(T0):
         job_id = queue.enqueue("echo")
+    assert queue.get(job_id).created_at == pytest.approx(T0)
+    assert queue.events(job_id=job_id) == []
+    with frozen(T0 + 1):
+        job = queue.claim("w")[0]
     events = queue.events(job_id=job_id, kind="job")
-    assert len(events) == 1
-    assert events[0]["to_state"] == "queued" and events[0]["at"] == pytest.approx(T0)
+    assert [(e["from_state"], e["to_state"]) for e in events] == [("queued", "running")]
+    assert events[0]["at"] == pytest.approx(T0 + 1) and job.id == job_id
 
 
 # -- bad input ------------------------------------------------------------------------------------
