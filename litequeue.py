@@ -107,7 +107,8 @@ DEFAULT_BUSY_TIMEOUT_S = 10.0
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
 MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
 MAX_NAME_CHARS = 200             # task names and unique keys
-LEASE_S = 10.0                   # a supervisor silent this long has lost its jobs
+LEASE_S = 30.0                   # a supervisor of another host silent this long is gone
+CHILD_START_DEADLINE_S = 10.0   # a child not running its task by then is stuck
 SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a second
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
@@ -238,8 +239,8 @@ def parse_size(value, what="size"):
             number = float(number)
         except ValueError:
             raise BadInput(f"{what}: {value!r} is not a size (try 400M, 1G, 512MiB)") from None
-    if not (number == number and 0 < number < float(1 << 60)):   # NaN, inf, <= 0, absurd
-        raise BadInput(f"{what}: {value!r} is not a positive size")
+    if not (number == number and 0 < number * _SIZE_UNITS[unit] < float(1 << 62)):
+        raise BadInput(f"{what}: {value!r} is not a positive size below 4 EiB")
     return int(number * _SIZE_UNITS[unit])
 
 
@@ -274,8 +275,8 @@ def parse_priority(value):
 
 
 def parse_positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInput(f"{what}: {value!r} must be a whole number >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
+        raise BadInput(f"{what}: {value!r:.40} must be a whole number from 1 to 2**31 - 1")
     return value
 
 
@@ -423,7 +424,8 @@ def _migrate(conn, path, version):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, checked=False):
+def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, create=True,
+                  checked=False):
     """An apsw connection to a checked litequeue file, created (0600) if missing.
     checked=True: the caller (a job's child) knows the file was checked moments ago."""
     path = os.fspath(path)
@@ -433,6 +435,8 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
     if os.path.isdir(path):
         raise DatabaseUnusable(f"{path} is a directory, not a database file")
     if not os.path.exists(path):
+        if not create:
+            raise DatabaseUnusable(f"no database at {path} (check --db / $LITEQUEUE_DB)")
         _create_database(path)
     try:
         # READWRITE without CREATE: a file deleted under us is an error, never a new empty file.
@@ -641,10 +645,11 @@ class Context:
 
 
 class _Lease:
-    __slots__ = ("task", "attempts", "max_attempts")
+    __slots__ = ("task", "attempts", "max_attempts", "cancel_requested")
 
-    def __init__(self, task, attempts, max_attempts):
+    def __init__(self, task, attempts, max_attempts, cancel_requested):
         self.task, self.attempts, self.max_attempts = task, attempts, max_attempts
+        self.cancel_requested = bool(cancel_requested)
 
 
 def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.random):
@@ -662,14 +667,14 @@ class Queue:
     """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task."""
 
     def __init__(self, path=None, max_depth=None, *, durable=True,
-                 busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None, _checked=False):
+                 busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None, create=True, _checked=False):
         self.path = os.fspath(path) if path is not None else default_db_path()
         self.durable = durable
         self.busy_timeout_s = parse_duration(busy_timeout, "busy_timeout")
         self.breaker_policy = breaker or BreakerPolicy()
         self.registry = {}
         self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s,
-                                  checked=_checked)
+                                  create=create, checked=_checked)
         if max_depth is not None:
             self.set_max_depth(max_depth)
 
@@ -1079,8 +1084,9 @@ class Queue:
     def _leased(self, job_id, owner, attempt):
         """(task, attempts, max_attempts) of a job running under this lease; LeaseLost if not."""
         rows = self.conn.execute(
-            "SELECT task, attempts, max_attempts FROM jobs WHERE id = ? AND state = 'running'"
-            " AND owner = ? AND attempts = ?", (job_id, owner, attempt)).fetchall()
+            "SELECT task, attempts, max_attempts, cancel_requested FROM jobs WHERE id = ?"
+            " AND state = 'running' AND owner = ? AND attempts = ?",
+            (job_id, owner, attempt)).fetchall()
         if not rows:
             raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
         return _Lease(*rows[0])
@@ -1115,6 +1121,9 @@ class Queue:
                 breaker_failed(self, job.task, job_id, at)
             else:
                 breaker_release_trial(self, job.task, job_id, at)
+            if job.cancel_requested:                 # asked to cancel: no retry
+                self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
+                return CANCELLED
             if retryable and job.attempts < job.max_attempts:
                 self.conn.execute(
                     "UPDATE jobs SET state = 'queued', error = ?, due_at = ?, owner = NULL,"
@@ -1130,19 +1139,26 @@ class Queue:
         """Give a running job back to the queue with its checkpoint (preemption, shutdown).
         Not charged: the attempt is refunded. Charged and out of attempts: dead."""
         with self._tx():
-            at = now()
-            job = self._leased(job_id, owner, attempt)
-            breaker_release_trial(self, job.task, job_id, at)
-            if charge and job.attempts >= job.max_attempts:
-                self._finish(job_id, job.task, RUNNING, DEAD, at, reason)
-                return DEAD
-            self.conn.execute(
-                "UPDATE jobs SET state = 'queued', owner = NULL, pid = NULL,"
-                " attempts = attempts - ?, preemptions = preemptions + ?,"
-                " recoveries = recoveries + ? WHERE id = ?",
-                (0 if charge else 1, int(preempted), int(recovered), job_id))
-            self._event(at, job_id, job.task, "job", RUNNING, QUEUED, reason, pressure)
-            return QUEUED
+            return self._requeue(job_id, owner, attempt, reason, charge, preempted, recovered,
+                                 pressure, now())
+
+    def _requeue(self, job_id, owner, attempt, reason, charge, preempted, recovered, pressure,
+                 at):
+        job = self._leased(job_id, owner, attempt)
+        breaker_release_trial(self, job.task, job_id, at)
+        if job.cancel_requested:                 # asked to cancel: it ends here
+            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
+            return CANCELLED
+        if charge and job.attempts >= job.max_attempts:
+            self._finish(job_id, job.task, RUNNING, DEAD, at, reason)
+            return DEAD
+        self.conn.execute(
+            "UPDATE jobs SET state = 'queued', owner = NULL, pid = NULL,"
+            " attempts = attempts - ?, preemptions = preemptions + ?,"
+            " recoveries = recoveries + ? WHERE id = ?",
+            (0 if charge else 1, int(preempted), int(recovered), job_id))
+        self._event(at, job_id, job.task, "job", RUNNING, QUEUED, reason, pressure)
+        return QUEUED
 
     def finish_cancelled(self, job_id, owner, attempt):
         """A running job whose cancel was asked has stopped: cancelled."""
@@ -1787,7 +1803,7 @@ def _call_task(fn, ctx, payload):
     return out
 
 
-def _child_main(spec, job, fn, owner, memory_limit_bytes):
+def _child_main(spec, job, fn, owner, memory_limit_bytes, ready_fd):
     """Entry point of a job's child process."""
     import traceback
     # SIGUSR1 is the supervisor asking for a stop. SIGTERM is treated the same way: systemd
@@ -1804,6 +1820,8 @@ def _child_main(spec, job, fn, owner, memory_limit_bytes):
     queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
                   breaker=spec.breaker_policy, _checked=True)
     ctx = Context(queue, job, owner)
+    os.write(ready_fd, b"1")                         # started: past every lock of the fork
+    os.close(ready_fd)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda *_: ctx.ask_stop())
     if stop_asked:
@@ -1934,11 +1952,14 @@ class _Run:
     """A job running in a child, as the supervisor tracks it."""
 
     __slots__ = ("job", "process", "started_at", "memory_limit_bytes", "stop_reason",
-                 "kill_at", "rss_bytes", "detail")
+                 "kill_at", "rss_bytes", "detail", "baseline_bytes", "ready_fd")
 
-    def __init__(self, job, process, started_at, memory_limit_bytes):
+    def __init__(self, job, process, started_at, memory_limit_bytes, baseline_bytes, ready_fd):
         self.job, self.process, self.started_at = job, process, started_at
         self.memory_limit_bytes = memory_limit_bytes
+        # What the child holds from the fork: counted by the rlimit's base, not the job's.
+        self.baseline_bytes = baseline_bytes
+        self.ready_fd = ready_fd    # the child writes a byte once it runs the task
         self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory
         self.kill_at = None         # SIGKILL at this time if still alive
         self.rss_bytes = 0
@@ -1958,7 +1979,8 @@ class Supervisor:
 
     def __init__(self, queue, *, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
-                 jobs_per_child=1, burst=False, tasks=None, probe=None, notice=0.01):
+                 jobs_per_child=1, burst=False, tasks=None, probe=None, notice=0.01,
+                 start_deadline=CHILD_START_DEADLINE_S):
         self.queue = queue
         options = supervisor_options(slots, memory_limit, memory_budget, poll, thresholds,
                                      margin, hold, grace, keep, jobs_per_child)
@@ -1969,9 +1991,11 @@ class Supervisor:
         self.jobs_per_child = options["jobs_per_child"]
         self.burst = burst
         self.notice_s = notice
+        self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
         self.tasks = dict(tasks if tasks is not None else queue.registry)
         self.tasks.setdefault("heartbeat", builtin_tasks(queue)["heartbeat"])
         self.id = f"{os.uname().nodename}:{os.getpid()}:{random.randrange(1 << 32):08x}"
+        self.host = host_identity()
         self.pressure = None
         self._runs = {}
         self._stopping = self._stop_now = self._finished = False
@@ -2006,7 +2030,7 @@ class Supervisor:
             libc.malloc_trim(0)     # give back the heap left over from compiling this module
         try:
             while not self._finished:
-                self._sleep(self.step(), wait, watch, wakeup_r)
+                self._sleep(self._step_surviving(), wait, watch, wakeup_r)
         finally:
             signal.set_wakeup_fd(previous_wakeup)
             os.close(wakeup_r)
@@ -2019,6 +2043,17 @@ class Supervisor:
                 signal.signal(sig, handler)
         log.info("supervisor %s stopped", self.id)
         return 0
+
+    def _step_surviving(self):
+        """step(), but a database that is busy past the timeout or full is waited out, not a
+        reason to stop and kill every running job."""
+        try:
+            return self.step()
+        except DatabaseUnusable as exc:
+            if not isinstance(exc.orig, (apsw.BusyError, apsw.LockedError, apsw.FullError)):
+                raise
+            log.warning("%s; trying again", exc)
+            return now() + self.poll_s
 
     def _sleep(self, wake_at, wait, watch, wakeup_r):
         """Sleep until wake_at, a child ends, a signal arrives, or another process writes
@@ -2086,7 +2121,7 @@ class Supervisor:
             self.queue.conn.execute(
                 "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
                 " tasks) VALUES (?, ?, ?, ?, ?, ?)",
-                (self.id, os.uname().nodename, os.getpid(), started_at, now(),
+                (self.id, self.host, os.getpid(), started_at, now(),
                  json.dumps(sorted(self.tasks))))
 
     def _unregister(self):
@@ -2115,34 +2150,37 @@ class Supervisor:
         return changed
 
     def _recover_orphans(self, at):
-        """Requeue jobs whose supervisor is gone: its pid dead on this host, or its lease
-        (heartbeat) expired. Recoveries are charged, so a job that keeps killing its
-        supervisor ends dead instead of looping."""
+        """Requeue jobs whose supervisor is gone. Recoveries are charged, so a job that keeps
+        killing its supervisor ends dead instead of looping. One transaction: no supervisor
+        can register and claim between the look at who is alive and the requeue."""
         import psutil
-        host = os.uname().nodename
-        rows = self.queue._read("SELECT id, host, pid, started_at, heartbeat_at FROM supervisors")
-        dead = set()
-        for sup in rows:
-            if sup["id"] == self.id:
-                continue
-            if sup["heartbeat_at"] <= at - LEASE_S or (
-                    sup["host"] == host and not _same_process_alive(psutil, sup)):
-                dead.add(sup["id"])
-        live = {sup["id"] for sup in rows} - dead
-        orphans = [r for r in self.queue._read(
-            "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")
-            if r["owner"] != self.id and r["owner"] not in live]
-        for row in orphans:
-            with contextlib.suppress(LeaseLost):
-                state = self.queue.requeue(row["id"], row["owner"], row["attempts"],
+        queue = self.queue
+        recovered = []
+        with queue._tx():
+            rows = _rows(queue.conn.execute("SELECT * FROM supervisors"))
+            dead = {sup["id"] for sup in rows
+                    if sup["id"] != self.id and not self._is_alive(psutil, sup, at)}
+            live = {sup["id"] for sup in rows} - dead
+            for row in _rows(queue.conn.execute(
+                    "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")):
+                if row["owner"] != self.id and row["owner"] not in live:
+                    state = queue._requeue(row["id"], row["owner"], row["attempts"],
                                            f"recovered: supervisor {row['owner']} is gone",
-                                           charge=True, recovered=True)
-                log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
-                            row["task"], row["owner"], state)
-        if dead:
-            with self.queue._tx():
-                for sup_id in dead:
-                    self.queue.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
+                                           True, False, True, None, at)
+                    recovered.append((row, state))
+            for sup_id in dead:
+                queue.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
+        for row, state in recovered:
+            log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
+                        row["task"], row["owner"], state)
+
+    def _is_alive(self, psutil, sup, at):
+        """On this host (same boot, same pid namespace) a supervisor is alive while its
+        process is, however long it stalls (SIGSTOP, swapping): its children may still run.
+        A supervisor elsewhere is alive while its lease (heartbeat) is fresh."""
+        if sup["host"] == self.host:
+            return _same_process_alive(psutil, sup)
+        return sup["heartbeat_at"] > at - LEASE_S
 
     def _retain(self, at):
         deleted = self.queue.purge(self.keep_s, at=at)
@@ -2179,10 +2217,16 @@ class Supervisor:
     def _enforce_limits(self, at):
         """Per-job memory limit and timeout; and SIGKILL for a stop past its grace."""
         for run in list(self._runs.values()):
-            limit = run.memory_limit_bytes
-            if run.rss_bytes > limit and run.stop_reason not in ("memory", "emergency"):
+            limit, own_bytes = run.memory_limit_bytes, run.rss_bytes - run.baseline_bytes
+            self._check_started(run, at)
+            if own_bytes > limit and run.stop_reason not in ("memory", "emergency"):
                 self._kill(run, "memory", at, f"memory limit exceeded: "
-                           f"{format_bytes(run.rss_bytes)} > {format_bytes(limit)}")
+                           f"{format_bytes(own_bytes)} > {format_bytes(limit)}")
+            elif run.ready_fd is not None and at - run.started_at > self.start_deadline_s:
+                self._kill(run, "start", at, f"the child did not start within "
+                           f"{self.start_deadline_s:g}s: it hung after fork (another thread of "
+                           f"the supervisor held a lock then; an --app that starts threads at "
+                           f"import does this)")
             elif (run.job.timeout_s is not None and run.stop_reason is None
                   and at - run.started_at > run.job.timeout_s):
                 # SIGTERM lets the task stop at a checkpoint (kept for its retry); a task
@@ -2192,6 +2236,16 @@ class Supervisor:
                 self._signal(run, signal.SIGTERM)
             elif run.kill_at is not None and at >= run.kill_at:
                 self._kill(run, run.stop_reason, at, f"{run.detail}: no checkpoint within the grace")
+
+    @staticmethod
+    def _check_started(run, at):
+        """Has the child told us it runs its task (past any lock copied by the fork)?"""
+        if run.ready_fd is None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            if os.read(run.ready_fd, 1):
+                os.close(run.ready_fd)
+                run.ready_fd = None
 
     # -- stopping children --------------------------------------------------------------
 
@@ -2255,10 +2309,8 @@ class Supervisor:
         for run in list(self._runs.values()):
             run.stop_reason = run.stop_reason or "shutdown"
             self._signal(run, signal.SIGKILL)
-            run.process.join()
-            with contextlib.suppress(Error):
-                self._settle(run, now())
-        self._runs.clear()
+        while self._runs:
+            self._reap(now())
 
     # -- starting and settling children -------------------------------------------------
 
@@ -2266,37 +2318,65 @@ class Supervisor:
         free = self.slots - len(self._runs)
         if free > 0:
             priorities = START_PRIORITIES[self.tracker.level]
-            for job in self.queue.claim(self.id, tasks=self.tasks, priorities=priorities,
-                                        limit=free, at=at):
-                self._start(job, at)
+            jobs = self.queue.claim(self.id, tasks=self.tasks, priorities=priorities,
+                                    limit=free, at=at)
+            for index, job in enumerate(jobs):
+                try:
+                    self._start(job, at)
+                except OSError as exc:        # fork refused (memory, pid limit): give back
+                    log.error("cannot start a child: %s; jobs go back to the queue", exc)
+                    for unstarted in jobs[index:]:
+                        self.queue.requeue(unstarted.id, self.id, unstarted.attempts,
+                                           f"could not start a child: {exc}", charge=False)
+                    return
         if self.burst and not self._runs and not self.queue.has_due(tasks=self.tasks, at=at):
             self._finished = True
 
     def _start(self, job, at):
         limit = job.memory_limit_bytes or self.memory_limit_bytes
+        ready_r, ready_w = os.pipe()
         process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
-                                   args=(self._spec, job, self.tasks[job.task].fn, self.id, limit))
-        process.start()
+                                   args=(self._spec, job, self.tasks[job.task].fn, self.id, limit,
+                                         ready_w))
+        try:
+            process.start()
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        os.set_blocking(ready_r, False)
         with contextlib.suppress(OSError):        # also set in the child: whichever runs first
             os.setpgid(process.pid, process.pid)
-        self._runs[job.id] = _Run(job, process, at, limit)
+        self._runs[job.id] = _Run(job, process, at, limit, process_rss_bytes(os.getpid()) or 0,
+                                  ready_r)
         log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
                  job.max_attempts, process.pid)
 
     def _reap(self, at):
         """Settle every child that has ended; returns how many (each freed a slot)."""
-        ended = [r for r in self._runs.values() if r.process.exitcode is not None]
+        ended = [r for r in self._runs.values() if _has_exited(r.process.pid)]
         for run in ended:
+            # The child is a zombie, so its pid (and group id) cannot be reused yet: kill
+            # whatever it started and left behind, then reap it.
+            with contextlib.suppress(OSError):
+                os.killpg(run.process.pid, signal.SIGKILL)
+            run.process.join()
+            self._settle(run, at)              # first: if this fails, the run is kept
             del self._runs[run.job.id]
-            self._settle(run, at)
             run.process.close()
+            if run.ready_fd is not None:
+                os.close(run.ready_fd)
         return len(ended)
 
     def _settle(self, run, at):
         """A child has ended: if it did not record its own outcome, record why it ended."""
         job, code = run.job, run.process.exitcode
         lease = (job.id, self.id, job.attempts)
-        latest = self.queue.get(job.id)
+        try:
+            latest = self.queue.get(job.id)
+        except JobNotFound:                        # finished and already purged
+            return
         if (latest.state, latest.owner, latest.attempts) != (RUNNING, self.id, job.attempts):
             self._log_outcome(job, latest, at)     # the child recorded done or a failure
             return
@@ -2323,7 +2403,7 @@ class Supervisor:
 
     @staticmethod
     def _death_reason(run, code):
-        if run.stop_reason in ("timeout", "memory"):
+        if run.stop_reason in ("timeout", "memory", "start"):
             return run.detail
         if code is not None and code < 0:
             return f"killed by signal {-code}"
@@ -2369,6 +2449,27 @@ class _DirectoryWatch:
 
     def close(self):
         os.close(self.fd)
+
+
+def host_identity():
+    """Which pids mean the same processes: host name, boot, and pid namespace (two containers
+    on one host share a name and a boot but not their pids)."""
+    parts = [os.uname().nodename]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return "/".join(parts)
+
+
+def _has_exited(pid):
+    """Has this child exited? Looks without reaping it (WNOWAIT)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _same_process_alive(psutil, sup):
@@ -2514,6 +2615,12 @@ def _build_cli():
                        keep=keep, jobs_per_child=jobs_per_child)
         supervisor_options(**options)    # all input checked before the file is even opened
         tasks = load_app(app) if app else None
+        import threading
+        if threading.active_count() > 1:
+            click.echo(f"litequeue: warning: --app {app} started {threading.active_count() - 1} "
+                       f"thread(s) at import; a child forked while one of them holds a lock "
+                       f"can hang (it is then killed after {CHILD_START_DEADLINE_S:g}s). Start "
+                       f"threads inside tasks instead.", err=True)
         queue = Queue(db, durable=durability == "full", breaker=policy)
         if tasks is None:
             tasks = builtin_tasks(queue, demos=True)
@@ -2553,7 +2660,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def status(db, as_json):
         """Counts, running jobs, memory level, breakers, heartbeat age."""
-        queue = Queue(db)
+        queue = Queue(db, create=False)
         result = queue.status()
         if as_json:
             echo_json(result)
@@ -2572,7 +2679,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def jobs_list(db, state, task, limit, as_json):
         """Jobs, newest first."""
-        found = Queue(db).jobs(state=state, task=task, limit=limit)
+        found = Queue(db, create=False).jobs(state=state, task=task, limit=limit)
         if as_json:
             echo_json([job.to_dict() for job in found])
             return
@@ -2586,7 +2693,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_show(db, job_id):
         """One job and its events, as JSON."""
-        queue = Queue(db)
+        queue = Queue(db, create=False)
         job = queue.get(job_id)
         echo_json({**job.to_dict(), "events": queue.events(job_id=job.id)})
 
@@ -2595,7 +2702,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_cancel(db, job_id):
         """Cancel a queued job, or ask a running one to stop."""
-        state = Queue(db).cancel(job_id)
+        state = Queue(db, create=False).cancel(job_id)
         click.echo("cancelled" if state == CANCELLED else
                    "cancel requested: its supervisor will stop it")
 
@@ -2604,7 +2711,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_retry(db, job_id):
         """Put a dead, skipped or cancelled job back to queued."""
-        click.echo(Queue(db).retry(job_id))
+        click.echo(Queue(db, create=False).retry(job_id))
 
     @cli.group()
     def breaker():
@@ -2615,7 +2722,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def breaker_list(db, as_json):
         """Every task's breaker."""
-        found = list_breakers(Queue(db))
+        found = list_breakers(Queue(db, create=False))
         if as_json:
             echo_json(found)
             return
@@ -2627,7 +2734,7 @@ def _build_cli():
     @click.argument("task")
     def breaker_reset(db, task):
         """Close a task's breaker."""
-        before = reset_breaker(Queue(db), check_name(task))
+        before = reset_breaker(Queue(db, create=False), check_name(task))
         click.echo(f"{task}: {before} -> closed")
 
     @cli.command()
@@ -2636,7 +2743,7 @@ def _build_cli():
     def purge(db, older_than):
         """Delete final jobs older than that, with their events and checkpoints."""
         seconds = parse_duration(older_than, "--older-than")
-        click.echo(f"purged {Queue(db).purge(seconds)} jobs")
+        click.echo(f"purged {Queue(db, create=False).purge(seconds)} jobs")
 
     return cli
 

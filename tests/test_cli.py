@@ -200,7 +200,17 @@ def test_status_json_has_the_spec_keys(db_path):
     assert status["heartbeat_age"] == pytest.approx(42.0)
 
 
+def test_read_only_commands_do_not_create_a_mistyped_file(tmp_path):
+    typo = tmp_path / "typo.db"
+    for args in (["status"], ["jobs", "list"], ["breaker", "list"], ["purge", "--older-than", "1d"]):
+        result = run_cli(*args, db=typo)
+        assert result.returncode == 4, (args, result.stderr)
+        assert "no database" in result.stderr and result.stderr.count("\n") == 1
+        assert not typo.exists()
+
+
 def test_status_json_on_a_fresh_file(db_path):
+    litequeue.Queue(db_path).close()
     result = invoke("status", "--json", "--db", db_path)
     assert result.exit_code == 0, (result.output, result.exception)
     status = json.loads(result.stdout)

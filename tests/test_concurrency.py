@@ -29,18 +29,25 @@ def _report(results, role, index, fn):
         results.put((role, index, "error", traceback.format_exc()))
 
 
-def _produce(path, index, start, results):
+def _produce(path, index, start, first_done, results):
     def work():
         queue = litequeue.Queue(path)
         try:
             start.wait(30)
-            return [queue.enqueue("work", {"producer": index, "n": n}) for n in range(JOBS_EACH)]
+            half = JOBS_EACH // 2
+            ids = [queue.enqueue("work", {"producer": index, "n": n}) for n in range(half)]
+            # The second half only once consumers have completed something: consuming then
+            # certainly overlaps producing, however the machine schedules us.
+            if not first_done.wait(DEADLINE_S):
+                raise TimeoutError("no job completed while producing")
+            return ids + [queue.enqueue("work", {"producer": index, "n": n})
+                          for n in range(half, JOBS_EACH)]
         finally:
             queue.close()
     _report(results, "producer", index, work)
 
 
-def _consume(path, index, start, results):
+def _consume(path, index, start, first_done, results):
     def work():
         queue = litequeue.Queue(path)
         owner = f"consumer-{index}"
@@ -54,6 +61,7 @@ def _consume(path, index, start, results):
                     job = jobs[0]
                     queue.complete(job.id, owner, job.attempts, {"by": owner})
                     completed.append(job.id)
+                    first_done.set()
                     continue
                 if queue.stats()["jobs"]["done"] >= TOTAL:
                     return completed
@@ -79,12 +87,12 @@ def test_producers_and_consumers_complete_every_job_exactly_once(tmp_path):
     path = str(tmp_path / "busy.db")
     litequeue.Queue(path).close()                  # the file exists before anyone races
     results = mp.Queue()
-    start = mp.Barrier(PRODUCERS + CONSUMERS)
+    start, first_done = mp.Barrier(PRODUCERS + CONSUMERS), mp.Event()
     processes = (
-        [mp.Process(target=_produce, args=(path, i, start, results), name=f"producer-{i}")
-         for i in range(PRODUCERS)]
-        + [mp.Process(target=_consume, args=(path, i, start, results), name=f"consumer-{i}")
-           for i in range(CONSUMERS)])
+        [mp.Process(target=_produce, args=(path, i, start, first_done, results),
+                    name=f"producer-{i}") for i in range(PRODUCERS)]
+        + [mp.Process(target=_consume, args=(path, i, start, first_done, results),
+                      name=f"consumer-{i}") for i in range(CONSUMERS)])
     for process in processes:
         process.start()
     try:

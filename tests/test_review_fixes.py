@@ -1,0 +1,210 @@
+"""Failure modes found in review, each shown for real: a stalled supervisor keeps its jobs,
+a fork that hangs on a copied lock, a cancel that meets a failure, a refused fork, memory
+inherited from the supervisor, a busy database, what a task leaves behind, huge numbers."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import apsw
+import psutil
+import pytest
+
+import litequeue
+from conftest import run_cli, start_serve, wait_for, write_app
+
+MiB = 1 << 20
+
+
+def job(db, job_id):
+    with litequeue.Queue(db) as q:
+        return q.get(job_id)
+
+
+def run_until(supervisor, predicate, timeout=30):
+    """Run a supervisor here (it needs the main thread for its signals) until predicate()
+    holds, checked from a thread that then stops it."""
+    def stop_when_done():
+        try:
+            wait_for(predicate, timeout=timeout)
+        finally:
+            supervisor.stop(now_=True)
+    watcher = threading.Thread(target=stop_when_done)
+    watcher.start()
+    supervisor.run()
+    watcher.join()
+
+
+def test_a_stalled_supervisor_keeps_its_job(tmp_path, db_path):
+    """SIGSTOP longer than two heartbeats: the other supervisor on this host sees the pid alive
+    and does not take the job (its child may still be running it)."""
+    app = write_app(tmp_path, """
+        @queue.task
+        def slow(ctx):
+            time.sleep(6)
+            return os.getpid()
+    """)
+    env = {"LITEQUEUE_DB": db_path}
+    a = start_serve("--app", app, db=db_path, env=env)
+    try:
+        with litequeue.Queue(db_path) as q:
+            job_id = q.enqueue("slow")
+        wait_for(lambda: job(db_path, job_id).state == "running")
+        b = start_serve("--app", app, db=db_path, env=env)
+        try:
+            os.kill(a.pid, signal.SIGSTOP)
+            time.sleep(5)                           # B's recovery pass runs every 2 s
+            assert job(db_path, job_id).recoveries == 0
+            os.kill(a.pid, signal.SIGCONT)
+            wait_for(lambda: job(db_path, job_id).state == "done", timeout=20)
+            assert job(db_path, job_id).attempts == 1
+        finally:
+            b.terminate()
+            b.wait(20)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        a.terminate()
+        a.wait(20)
+
+
+def test_a_child_that_hangs_after_fork_is_killed_and_its_job_ends_visibly(db_path):
+    """A task function that blocks before the task starts stands for a child stuck on a lock
+    copied from a parent thread: the start deadline ends it, with the reason."""
+    queue = litequeue.Queue(db_path)
+    gate = threading.Lock()
+    gate.acquire()                                 # held by this thread at fork, never freed
+
+    @queue.task(max_attempts=1)
+    def stuck(ctx):
+        return "never"
+
+    # The hang happens before the child reports it started: block in the child's own setup.
+    original = litequeue.Context.__init__
+
+    def blocked_init(self, *args):
+        gate.acquire()                             # the forked copy of a held lock
+        original(self, *args)
+
+    litequeue.Context.__init__ = blocked_init
+    try:
+        job_id = stuck.enqueue()
+        sup = litequeue.Supervisor(queue, start_deadline=1, poll=0.1, burst=True)
+        sup.run()
+    finally:
+        litequeue.Context.__init__ = original
+    finished = queue.get(job_id)
+    assert finished.state == "dead"
+    assert "did not start within 1s" in finished.error
+
+
+def test_a_cancel_asked_while_running_wins_over_a_retry(queue):
+    queue.enqueue("echo", max_attempts=3)
+    claimed = queue.claim("w")[0]
+    assert queue.cancel(claimed.id) == "running"
+    assert queue.fail(claimed.id, "w", claimed.attempts, "boom") == "cancelled"
+    assert queue.get(claimed.id).state == "cancelled"
+
+
+def test_a_cancel_asked_before_a_recovery_ends_cancelled(queue):
+    queue.enqueue("echo")
+    claimed = queue.claim("gone-supervisor")[0]
+    queue.cancel(claimed.id)
+    state = queue.requeue(claimed.id, "gone-supervisor", claimed.attempts, "recovered",
+                          charge=True, recovered=True)
+    assert state == "cancelled" == queue.get(claimed.id).state
+
+
+def test_a_refused_fork_gives_the_jobs_back_uncharged(db_path):
+    queue = litequeue.Queue(db_path)
+    ids = [queue.enqueue("echo", {"i": i}) for i in range(2)]
+
+    class NoFork:
+        @staticmethod
+        def Process(**kwargs):
+            class Refused:
+                def start(self):
+                    raise BlockingIOError(11, "Resource temporarily unavailable")
+            return Refused()
+
+    sup = litequeue.Supervisor(queue, slots=2, tasks=litequeue.builtin_tasks(queue, demos=True))
+    sup._mp, sup._spec = NoFork, None              # the fault, injected: fork says EAGAIN
+    sup.step()
+    for job_id in ids:
+        job = queue.get(job_id)
+        assert (job.state, job.attempts) == ("queued", 0)
+        assert "could not start a child" in queue.events(job_id=job_id)[-1]["reason"]
+
+
+def test_memory_the_app_holds_at_import_is_not_charged_to_a_job(tmp_path, db_path):
+    app = write_app(tmp_path, """
+        BALLAST = bytearray(b"x") * (250 << 20)     # the app's own memory, at import
+
+        @queue.task(memory_limit="200M", max_attempts=1)
+        def light(ctx):
+            time.sleep(1)                           # several polls while it runs
+            return len(BALLAST) >> 20
+    """)
+    with litequeue.Queue(db_path) as q:
+        job_id = q.enqueue("light")
+    result = run_cli("serve", "--burst", "--app", app, "--poll", "0.05", db=db_path,
+                     env={"LITEQUEUE_DB": db_path}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    finished = job(db_path, job_id)
+    assert (finished.state, finished.result) == ("done", 250), finished.error
+
+
+def test_a_database_busy_past_the_timeout_is_waited_out(db_path):
+    """Another process holds the write lock for longer than the supervisor's busy timeout:
+    the supervisor logs it, keeps running, and runs the job once the lock is gone."""
+    queue = litequeue.Queue(db_path, busy_timeout=0.2)
+    job_id = queue.enqueue("echo", {"after": "busy"}, delay=0.5)
+    locked = threading.Event()
+
+    def hold_the_lock():
+        blocker = apsw.Connection(db_path)
+        time.sleep(0.3)
+        blocker.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(1.5)
+        blocker.execute("COMMIT")
+        blocker.close()
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    sup = litequeue.Supervisor(queue, poll=0.1, tasks=litequeue.builtin_tasks(queue, demos=True))
+    observer = litequeue.Queue(db_path)
+    run_until(sup, lambda: locked.is_set() and observer.get(job_id).state == "done")
+    holder.join()
+
+
+def test_what_a_task_leaves_running_dies_with_its_job(tmp_path, db_path):
+    app = write_app(tmp_path, """
+        import subprocess, sys
+
+        @queue.task
+        def leaves_behind(ctx):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            return child.pid
+    """)
+    with litequeue.Queue(db_path) as q:
+        job_id = q.enqueue("leaves_behind")
+    result = run_cli("serve", "--burst", "--app", app, db=db_path,
+                     env={"LITEQUEUE_DB": db_path}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    left = job(db_path, job_id).result
+    wait_for(lambda: not psutil.pid_exists(left) or
+             psutil.Process(left).status() == psutil.STATUS_ZOMBIE, timeout=5)
+
+
+@pytest.mark.parametrize("args", [
+    ["enqueue", "echo", "--max-attempts", "99999999999999999999999"],
+    ["enqueue", "echo", "--memory-limit", "1e17T"],
+    ["jobs", "list", "--limit", "99999999999999999999"],
+    ["serve", "--memory-limit", "1e17T", "--burst"],
+])
+def test_huge_numbers_are_bad_input_not_tracebacks(db_path, args):
+    litequeue.Queue(db_path).close()
+    result = run_cli(*args, db=db_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
