@@ -1040,8 +1040,14 @@ class Queue:
         served = None if tasks is None else json.dumps(sorted(tasks))
         claimed = []
         with self._tx():
+            # The best priority with anything queued, read off the claim index: the probes
+            # below skip the (often empty) levels above it.
+            lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
+                                       " WHERE state = 'queued'").fetchall()[0][0]
+            if lowest is None:
+                return []
             blocked, trial_tasks = breakers_blocking(self.conn, at)
-            for priority in sorted(priorities):
+            for priority in sorted(p for p in priorities if p >= lowest):
                 while len(claimed) < limit:
                     row = self._next_due(priority, at, served, blocked)
                     if row is None:
