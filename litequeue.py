@@ -1957,17 +1957,19 @@ def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.
 class _Run:
     """A job running in a child, as the supervisor tracks it."""
 
-    __slots__ = ("job", "process", "started_at", "memory_limit_bytes", "stop_reason",
-                 "kill_at", "rss_bytes", "detail", "baseline_bytes", "ready_fd")
+    __slots__ = ("job", "process", "started_at", "started_tick", "memory_limit_bytes",
+                 "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "ready_fd")
 
-    def __init__(self, job, process, started_at, memory_limit_bytes, baseline_bytes, ready_fd):
+    def __init__(self, job, process, started_at, started_tick, memory_limit_bytes,
+                 baseline_bytes, ready_fd):
         self.job, self.process, self.started_at = job, process, started_at
+        self.started_tick = started_tick        # monotonic: timeouts and the start deadline
         self.memory_limit_bytes = memory_limit_bytes
         # What the child holds from the fork: counted by the rlimit's base, not the job's.
         self.baseline_bytes = baseline_bytes
         self.ready_fd = ready_fd    # the child writes a byte once it runs the task
         self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory
-        self.kill_at = None         # SIGKILL at this time if still alive
+        self.kill_at = None         # SIGKILL at this tick (monotonic) if still alive
         self.rss_bytes = 0
         self.detail = None          # the figures behind a kill, for the job's error
 
@@ -2059,24 +2061,24 @@ class Supervisor:
             if not isinstance(exc.orig, (apsw.BusyError, apsw.LockedError, apsw.FullError)):
                 raise
             log.warning("%s; trying again", exc)
-            return now() + self.poll_s
+            return time.monotonic() + self.poll_s
 
     def _sleep(self, wake_at, wait, watch, wakeup_r):
         """Sleep until wake_at, a child ends, a signal arrives, or another process writes
         the database. Where inotify is missing, look at the file every notice_s instead."""
         ready = [r.process.sentinel for r in self._runs.values()] + [wakeup_r]
-        left = max(0.0, wake_at - now())
+        left = max(0.0, wake_at - time.monotonic())
         if watch is None:
             woken = wait(ready, min(left, self.notice_s))
         else:
             # A write wakes us before its commit is visible (SQLite updates the WAL index
             # after writing and syncing the frames), so after each write look again every
             # 2 ms for a moment; idle, we wake only for the memory poll.
-            limit = 0.002 if now() < self._watch_busy_until else left
+            limit = 0.002 if time.monotonic() < self._watch_busy_until else left
             woken = wait(ready + [watch.fd], min(left, limit))
             if watch.fd in woken:
                 watch.drain()
-                self._watch_busy_until = now() + 0.03
+                self._watch_busy_until = time.monotonic() + 0.03
         if wakeup_r in woken:
             with contextlib.suppress(BlockingIOError):
                 os.read(wakeup_r, 512)
@@ -2092,29 +2094,38 @@ class Supervisor:
         self._stop_now = self._stop_now or now_
         self._stopping = True
 
-    def step(self, at=None):
-        """One round: reap, heartbeat, watch memory, stop or start jobs. Returns the time at
-        which it next has something to do."""
+    def step(self, at=None, tick=None):
+        """One round: reap, heartbeat, watch memory, stop or start jobs. Returns the tick at
+        which it next has something to do.
+
+        Two clocks: `at` (wall time, now()) is what the database records; `tick`
+        (time.monotonic()) times polls, timeouts, grace periods and the hysteresis hold,
+        so a wall clock stepped by NTP (an edge device booting without a real-time clock)
+        neither kills jobs early nor stalls the loop. A test that passes only `at` drives
+        both with it."""
+        if tick is None:
+            tick = time.monotonic() if at is None else at
         at = now() if at is None else at
         reaped = self._reap(at)
-        if at >= self._next_heartbeat_at:
+        if tick >= self._next_heartbeat_at:
             self._heartbeat(at)
             self._recover_orphans(at)
             self.queue.expire(at=at)
-            self._next_heartbeat_at = at + SUPERVISOR_HEARTBEAT_S
-        polled = at >= self._next_poll_at
+            self._next_heartbeat_at = tick + SUPERVISOR_HEARTBEAT_S
+        polled = tick >= self._next_poll_at
         if polled:
-            self._poll_memory(at)
-            self._next_poll_at = at + self.poll_s
+            self._poll_memory(at, tick)
+            self._next_poll_at = tick + self.poll_s
         changed = self._data_changed()
         if changed:
-            self._apply_cancels(at)
+            self._apply_cancels(at, tick)
         if self._stopping:
-            self._shut_down(at)
+            self._shut_down(at, tick)
         elif changed or polled or reaped:        # a freed slot is refilled at once
-            self._start_jobs(at)
-        if self.keep_s is not None and at >= self._next_purge_at:
+            self._start_jobs(at, tick)
+        if self.keep_s is not None and tick >= self._next_purge_at:
             self._retain(at)
+            self._next_purge_at = tick + min(60.0, max(1.0, self.keep_s / 4))
         return min(self._next_poll_at, self._next_heartbeat_at)
 
     # -- database bookkeeping -----------------------------------------------------------
@@ -2193,34 +2204,33 @@ class Supervisor:
         self.queue.checkpoint_wal()
         if deleted:
             log.info("retention: purged %d finished jobs older than %gs", deleted, self.keep_s)
-        self._next_purge_at = at + min(60.0, max(1.0, self.keep_s / 4))
 
     # -- memory -------------------------------------------------------------------------
 
-    def _poll_memory(self, at):
+    def _poll_memory(self, at, tick):
         reading = self.probe.read([r.process.pid for r in self._runs.values()])
         self.pressure = reading.pressure
         before = self.tracker.level
-        level = self.tracker.update(reading.pressure, at)
+        level = self.tracker.update(reading.pressure, tick)
         if level != before:
             log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
             self.queue.record_event("level", before, level, "memory pressure",
                                     pressure=reading.pressure, at=at)
         for run in self._runs.values():
             run.rss_bytes = job_rss_bytes(run.process.pid) or run.rss_bytes
-        self._enforce_limits(at)
+        self._enforce_limits(at, tick)
         plan = plan_memory(level, [r.view() for r in self._runs.values()])
         for job_id in plan.kill:
             self._kill(self._runs[job_id], "emergency", at,
                        f"memory emergency at {reading.pressure:.1f}%")
         if plan.preempt is not None:
-            self._ask_stop(self._runs[plan.preempt], "preempt", at,
+            self._ask_stop(self._runs[plan.preempt], "preempt", at, tick,
                            f"preempted at {reading.pressure:.1f}% memory pressure")
         if plan.shed:
             for job_id in self.queue.shed_due(tasks=self.tasks, at=at, pressure=reading.pressure):
                 log.info("job %d shed at %.1f%% memory pressure", job_id, reading.pressure)
 
-    def _enforce_limits(self, at):
+    def _enforce_limits(self, at, tick):
         """Per-job memory limit and timeout; and SIGKILL for a stop past its grace."""
         for run in list(self._runs.values()):
             limit, own_bytes = run.memory_limit_bytes, run.rss_bytes - run.baseline_bytes
@@ -2228,19 +2238,19 @@ class Supervisor:
             if own_bytes > limit and run.stop_reason not in ("memory", "emergency"):
                 self._kill(run, "memory", at, f"memory limit exceeded: "
                            f"{format_bytes(own_bytes)} > {format_bytes(limit)}")
-            elif run.ready_fd is not None and at - run.started_at > self.start_deadline_s:
+            elif run.ready_fd is not None and tick - run.started_tick > self.start_deadline_s:
                 self._kill(run, "start", at, f"the child did not start within "
                            f"{self.start_deadline_s:g}s: it hung after fork (another thread of "
                            f"the supervisor held a lock then; an --app that starts threads at "
                            f"import does this)")
             elif (run.job.timeout_s is not None and run.stop_reason is None
-                  and at - run.started_at > run.job.timeout_s):
+                  and tick - run.started_tick > run.job.timeout_s):
                 # SIGTERM lets the task stop at a checkpoint (kept for its retry); a task
                 # that does not get there within a short grace is killed.
                 run.stop_reason, run.detail = "timeout", f"timeout after {run.job.timeout_s:g}s"
-                run.kill_at = at + min(self.grace_s, 5.0)
+                run.kill_at = tick + min(self.grace_s, 5.0)
                 self._signal(run, signal.SIGTERM)
-            elif run.kill_at is not None and at >= run.kill_at:
+            elif run.kill_at is not None and tick >= run.kill_at:
                 self._kill(run, run.stop_reason, at, f"{run.detail}: no checkpoint within the grace")
 
     @staticmethod
@@ -2263,9 +2273,9 @@ class Supervisor:
                     os.killpg(run.process.pid, signum)     # the job and what it started
             os.kill(run.process.pid, signum)
 
-    def _ask_stop(self, run, reason, at, detail):
+    def _ask_stop(self, run, reason, at, tick, detail):
         """Ask a child to stop at its next checkpoint; SIGKILL after the grace period."""
-        run.stop_reason, run.detail, run.kill_at = reason, detail, at + self.grace_s
+        run.stop_reason, run.detail, run.kill_at = reason, detail, tick + self.grace_s
         self._signal(run, signal.SIGUSR1)
         log.info("job %d %s asked to stop: %s", run.job.id, run.job.task, detail)
         if reason == "preempt":
@@ -2283,7 +2293,7 @@ class Supervisor:
         self.queue.record_event("decision", RUNNING, "kill", detail, job_id=run.job.id,
                                 task=run.job.task, pressure=self.pressure, at=at)
 
-    def _apply_cancels(self, at):
+    def _apply_cancels(self, at, tick):
         if not self._runs:
             return
         marks = ",".join("?" * len(self._runs))
@@ -2291,9 +2301,9 @@ class Supervisor:
                                     f" id IN ({marks})", list(self._runs)):
             run = self._runs[row["id"]]
             if run.stop_reason != "cancel":
-                self._ask_stop(run, "cancel", at, "cancel requested")
+                self._ask_stop(run, "cancel", at, tick, "cancel requested")
 
-    def _shut_down(self, at):
+    def _shut_down(self, at, tick):
         """First signal: ask every job to stop at its next checkpoint, kill after the grace
         period. Second signal: kill them all now. Either way their jobs go back to queued."""
         for run in self._runs.values():
@@ -2303,9 +2313,9 @@ class Supervisor:
                 run.kill_at = None
                 self._signal(run, signal.SIGKILL)
             elif run.stop_reason in (None, "preempt"):
-                self._ask_stop(run, "shutdown", at, "supervisor shutting down")
+                self._ask_stop(run, "shutdown", at, tick, "supervisor shutting down")
                 # Kill early enough that reaping and exiting still fit within the grace.
-                run.kill_at = at + max(0.0, self.grace_s - 2 * self.poll_s)
+                run.kill_at = tick + max(0.0, self.grace_s - 2 * self.poll_s)
         if not self._runs:
             self._finished = True
 
@@ -2320,7 +2330,7 @@ class Supervisor:
 
     # -- starting and settling children -------------------------------------------------
 
-    def _start_jobs(self, at):
+    def _start_jobs(self, at, tick):
         free = self.slots - len(self._runs)
         if free > 0:
             priorities = START_PRIORITIES[self.tracker.level]
@@ -2328,7 +2338,7 @@ class Supervisor:
                                     limit=free, at=at)
             for index, job in enumerate(jobs):
                 try:
-                    self._start(job, at)
+                    self._start(job, at, tick)
                 except OSError as exc:        # fork refused (memory, pid limit): give back
                     log.error("cannot start a child: %s; jobs go back to the queue", exc)
                     for unstarted in jobs[index:]:
@@ -2338,7 +2348,7 @@ class Supervisor:
         if self.burst and not self._runs and not self.queue.has_due(tasks=self.tasks, at=at):
             self._finished = True
 
-    def _start(self, job, at):
+    def _start(self, job, at, tick):
         limit = job.memory_limit_bytes or self.memory_limit_bytes
         ready_r, ready_w = os.pipe()
         process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
@@ -2354,8 +2364,8 @@ class Supervisor:
         os.set_blocking(ready_r, False)
         with contextlib.suppress(OSError):        # also set in the child: whichever runs first
             os.setpgid(process.pid, process.pid)
-        self._runs[job.id] = _Run(job, process, at, limit, process_rss_bytes(os.getpid()) or 0,
-                                  ready_r)
+        self._runs[job.id] = _Run(job, process, at, tick, limit,
+                                  process_rss_bytes(os.getpid()) or 0, ready_r)
         log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
                  job.max_attempts, process.pid)
 

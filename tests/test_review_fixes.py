@@ -208,3 +208,35 @@ def test_huge_numbers_are_bad_input_not_tracebacks(db_path, args):
     result = run_cli(*args, db=db_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("step_s", [3600.0, -3600.0], ids=["forward-hour", "backward-hour"])
+def test_a_wall_clock_step_neither_times_out_jobs_nor_stalls_the_loop(db_path, monkeypatch,
+                                                                      step_s):
+    """An edge device without a real-time clock gets its time from NTP after boot: the wall
+    clock jumps. Forward, a job with a 600 s timeout must not be taken for timed out;
+    backward, the memory polls must go on (they time the preemption and the kills)."""
+    queue = litequeue.Queue(db_path)
+
+    @queue.task(timeout=600, max_attempts=1)
+    def steady(ctx):
+        time.sleep(1.5)
+        return "ok"
+
+    class CountingProbe(litequeue.MemoryProbe):
+        reads = 0
+
+        def read(self, child_pids=()):
+            CountingProbe.reads += 1
+            return super().read(child_pids)
+
+    job_id = steady.enqueue()
+    real_time = time.time
+    jump = threading.Timer(0.3, lambda: monkeypatch.setattr(
+        litequeue, "now", lambda: real_time() + step_s))
+    jump.start()
+    litequeue.Supervisor(queue, poll=0.1, grace=0.5, burst=True, probe=CountingProbe()).run()
+    jump.join()
+    finished = queue.get(job_id)
+    assert finished.state == "done", finished.error
+    assert CountingProbe.reads >= 10                 # ~15 polls in 1.5 s at 0.1 s
