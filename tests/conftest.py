@@ -1,6 +1,6 @@
 """Shared fixtures: a queue on a real file in tmp_path, and the real CLI as a subprocess."""
 
-import json
+import hashlib
 import os
 import subprocess
 import sys
@@ -82,3 +82,18 @@ def job_states(path):
         return {job.id: job.state for job in q.jobs(limit=None)}
     finally:
         q.close()
+
+
+def file_digest(path):
+    """sha256 of the database file and its WAL (a missing WAL counts as empty), so that a
+    write that only reached the WAL still shows; of a directory, its listing."""
+    path = str(path)
+    if os.path.isdir(path):
+        return hashlib.sha256(repr(sorted(os.listdir(path))).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for name in (path, f"{path}-wal"):
+        digest.update(b"|")
+        if os.path.exists(name):
+            with open(name, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()

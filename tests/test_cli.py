@@ -3,7 +3,6 @@ litequeue.main() for exit codes and error lines), and a few real `python liteque
 subprocesses the way cron and systemd run it."""
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from click.testing import CliRunner
 from freezegun import freeze_time
 
 import litequeue
-from conftest import run_cli
+from conftest import file_digest, run_cli
 
 T0 = 1_800_000_000.0
 STATES = ("queued", "running", "done", "dead", "cancelled", "skipped")
@@ -68,20 +67,6 @@ def settle(path):
             pass
         finally:
             conn.close()
-
-
-def digest(path):
-    """sha256 of the file and its WAL (missing = empty), or of a directory's listing."""
-    path = str(path)
-    if os.path.isdir(path):
-        return hashlib.sha256(repr(sorted(os.listdir(path))).encode()).hexdigest()
-    h = hashlib.sha256()
-    for name in (path, f"{path}-wal"):
-        h.update(b"|")
-        if os.path.exists(name):
-            with open(name, "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
 
 
 def assert_one_line_error(stderr):
@@ -306,11 +291,11 @@ def test_jobs_commands_refuse_with_one_line(db_path, args):
         job = q.claim("w1")[0]
         q.complete(job.id, "w1", job.attempts)
     settle(db_path)
-    before = digest(db_path)
+    before = file_digest(db_path)
     result = main(*args, "--db", db_path)
     assert result.exit_code == 2
     assert_one_line_error(result.stderr)
-    assert digest(db_path) == before
+    assert file_digest(db_path) == before
 
 
 # -- purge ---------------------------------------------------------------------------------------
@@ -337,11 +322,11 @@ def test_purge_older_than(db_path):
 def test_purge_requires_older_than(db_path):
     make_db(db_path)
     settle(db_path)
-    before = digest(db_path)
+    before = file_digest(db_path)
     result = main("purge", "--db", db_path)
     assert result.exit_code == 2
     assert_one_line_error(result.stderr)
-    assert digest(db_path) == before
+    assert file_digest(db_path) == before
 
 
 # -- --db and $LITEQUEUE_DB -----------------------------------------------------------------------
@@ -396,12 +381,12 @@ BAD_INPUT = [
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(db_path, args):
     make_db(db_path)
     settle(db_path)
-    before = digest(db_path)
+    before = file_digest(db_path)
     result = main(*args, "--db", db_path) if args[0] != "frobnicate" else main(*args)
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert_one_line_error(result.stderr)
     assert result.stdout == ""
-    assert digest(db_path) == before
+    assert file_digest(db_path) == before
 
 
 @pytest.mark.parametrize("args", [
@@ -420,12 +405,12 @@ def test_bad_input_on_a_missing_file_creates_nothing(tmp_path, args):
 def test_queue_full_exits_3_and_changes_nothing(db_path):
     make_db(db_path, max_depth=1)
     settle(db_path)
-    before = digest(db_path)
+    before = file_digest(db_path)
     result = main("enqueue", "echo", "--db", db_path)
     assert result.exit_code == 3
     assert_one_line_error(result.stderr)
     assert "full" in result.stderr
-    assert digest(db_path) == before
+    assert file_digest(db_path) == before
 
 
 def test_duplicate_unique_on_a_full_queue_exits_0(db_path):
@@ -481,13 +466,13 @@ UNUSABLE = {"directory": _directory, "not-sqlite": _not_sqlite, "foreign-sqlite"
                                      ["jobs", "list"]], ids=["enqueue", "status", "jobs-list"])
 def test_unusable_database_exits_4_and_is_untouched(tmp_path, kind, command):
     path = UNUSABLE[kind](tmp_path)
-    before = digest(path)
+    before = file_digest(path)
     result = main(*command, "--db", path)
     assert result.exit_code == 4, (result.stdout, result.stderr)
     assert_one_line_error(result.stderr)
     assert str(path) in result.stderr
     assert result.stdout == ""
-    assert digest(path) == before
+    assert file_digest(path) == before
 
 
 # -- real subprocesses, as cron and systemd run it ------------------------------------------------
@@ -519,9 +504,9 @@ def test_real_exit_codes(tmp_path, case, code):
         db = _foreign(tmp_path)
     else:
         db = make_db(tmp_path / "q.db", max_depth=1 if case == "queue-full" else None)
-    before = digest(db)
+    before = file_digest(db)
     args = ["enqueue", "echo"] + (["--payload", "{not json"] if case == "bad-json" else [])
     result = run_cli(*args, db=db, cwd=tmp_path)
     assert result.returncode == code, (result.stdout, result.stderr)
     assert_one_line_error(result.stderr)
-    assert digest(db) == before
+    assert file_digest(db) == before

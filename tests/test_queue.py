@@ -12,6 +12,7 @@ import pytest
 from freezegun import freeze_time
 
 import litequeue
+from conftest import file_digest
 
 T0 = 1_800_000_000.0          # a fixed "now" for tests that control the clock
 TABLES = ("meta", "tasks", "jobs", "events", "breakers", "supervisors")
@@ -22,18 +23,6 @@ TABLES = ("meta", "tasks", "jobs", "events", "breakers", "supervisors")
 def frozen(at):
     """freeze_time at epoch seconds `at` (litequeue.now() then returns exactly `at`)."""
     return freeze_time(datetime.datetime.fromtimestamp(at, datetime.timezone.utc))
-
-
-def file_digest(path):
-    """sha256 of the database file and its WAL (a missing WAL counts as empty), so that a
-    write that only reached the WAL still shows."""
-    digest = hashlib.sha256()
-    for name in (path, f"{path}-wal"):
-        digest.update(b"|")
-        if os.path.exists(name):
-            with open(name, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def snapshot(path):

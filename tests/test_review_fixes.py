@@ -4,7 +4,6 @@ inherited from the supervisor, a busy database, what a task leaves behind, huge 
 
 import os
 import signal
-import sys
 import threading
 import time
 
