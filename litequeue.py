@@ -1736,12 +1736,13 @@ class MemoryProbe:
 # The child: one process per job
 # ======================================================================================
 #
-# Children are forked (see Supervisor.run for why). A forked child must not touch anything
-# of its parent's SQLite connection: it opens its own. Forking happens only between
-# supervisor steps, when the parent's connection has no transaction or statement open, so
-# the child inherits no SQLite lock state (the unix VFS tracks locks per process and inode).
-# The child ends through multiprocessing's os._exit, so the inherited connection object is
-# never finalized in the child.
+# Children are forked (see Supervisor.run for why). A child never uses its parent's SQLite
+# connection: it opens its own. SQLite's unix VFS keeps lock bookkeeping per process and
+# inode, and the child's new connection starts from the copy it inherited; that is sound
+# because the supervisor forks only between steps, with no transaction or statement open,
+# so the copy records no lock held. (An app thread inside SQLite at that moment breaks this:
+# the child then hangs on a copied mutex, and the start deadline ends it.) The child leaves
+# through multiprocessing's os._exit, so the inherited connection is never finalized there.
 
 # RLIMIT_DATA, not RLIMIT_AS. Measured here under a 400 MiB limit: with RLIMIT_AS a child
 # could not start its 7th thread while using 30 MiB (each thread reserves a 64 MiB glibc
