@@ -430,8 +430,9 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
     checked=True: the caller (a job's child) knows the file was checked moments ago."""
     path = os.fspath(path)
     if checked:
-        return _configure(apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE), path,
-                          durable, busy_timeout_s)
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+        conn.set_busy_timeout(int(busy_timeout_s * 1000))
+        return _configure(conn, path, durable)
     if os.path.isdir(path):
         raise DatabaseUnusable(f"{path} is a directory, not a database file")
     if not os.path.exists(path):
@@ -453,13 +454,12 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
         if isinstance(exc, apsw.Error):
             raise _translate(exc, path) from None
         raise
-    return _configure(conn, path, durable, busy_timeout_s)
+    return _configure(conn, path, durable)
 
 
-def _configure(conn, path, durable, busy_timeout_s):
-    """The per-connection pragmas."""
+def _configure(conn, path, durable):
+    """The per-connection pragmas (the busy timeout is set at connect)."""
     try:
-        conn.set_busy_timeout(int(busy_timeout_s * 1000))
         # FULL: a commit that returned survives power loss. NORMAL: survives any process
         # crash, and the last commits may roll back on power loss; no fsync per commit.
         conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
@@ -469,6 +469,11 @@ def _configure(conn, path, durable, busy_timeout_s):
     except apsw.Error as exc:
         conn.close()
         raise _translate(exc, path) from None
+
+
+_ENVIRONMENT_ERRORS = (apsw.BusyError, apsw.LockedError, apsw.FullError, apsw.ReadOnlyError,
+                       apsw.IOError, apsw.CorruptError, apsw.NotADBError, apsw.CantOpenError,
+                       apsw.PermissionsError)
 
 
 @contextlib.contextmanager
@@ -481,6 +486,10 @@ def _transaction(conn, path):
         raise _translate(exc, path) from None
     try:
         yield conn
+    except _ENVIRONMENT_ERRORS as exc:     # the file, not the caller: read-only, full, locked
+        with contextlib.suppress(apsw.Error):
+            conn.execute("ROLLBACK")
+        raise _translate(exc, path) from None
     except BaseException:
         with contextlib.suppress(apsw.Error):
             conn.execute("ROLLBACK")
@@ -1088,7 +1097,8 @@ class Queue:
         return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
 
     def _leased(self, job_id, owner, attempt):
-        """(task, attempts, max_attempts) of a job running under this lease; LeaseLost if not."""
+        """The lease row (task, attempts, max_attempts, cancel_requested) of a job running
+        under this lease; LeaseLost if there is none."""
         rows = self.conn.execute(
             "SELECT task, attempts, max_attempts, cancel_requested FROM jobs WHERE id = ?"
             " AND state = 'running' AND owner = ? AND attempts = ?",
@@ -1951,7 +1961,6 @@ def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.
         "tracker": LevelTracker(thresholds, margin, parse_duration(hold, "hold")),
         "grace_s": parse_duration(grace, "grace"),
         "keep_s": None if keep is None else parse_duration(keep, "keep"),
-        "jobs_per_child": 1,
     }
 
 
@@ -1959,7 +1968,8 @@ class _Run:
     """A job running in a child, as the supervisor tracks it."""
 
     __slots__ = ("job", "process", "started_at", "started_tick", "memory_limit_bytes",
-                 "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "ready_fd")
+                 "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "ready_fd",
+                 "killed", "reaped")
 
     def __init__(self, job, process, started_at, started_tick, memory_limit_bytes,
                  baseline_bytes, ready_fd):
@@ -1969,7 +1979,10 @@ class _Run:
         # What the child holds from the fork: counted by the rlimit's base, not the job's.
         self.baseline_bytes = baseline_bytes
         self.ready_fd = ready_fd    # the child writes a byte once it runs the task
-        self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory
+        self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory,
+                                    # start (hung before the task began)
+        self.killed = False         # SIGKILL sent
+        self.reaped = False         # waited for: its pid may be reused from then on
         self.kill_at = None         # SIGKILL at this tick (monotonic) if still alive
         self.rss_bytes = 0
         self.detail = None          # the figures behind a kill, for the job's error
@@ -1997,7 +2010,6 @@ class Supervisor:
         self.probe = probe or MemoryProbe(options["memory_budget_bytes"])
         self.poll_s, self.tracker = options["poll_s"], options["tracker"]
         self.grace_s, self.keep_s = options["grace_s"], options["keep_s"]
-        self.jobs_per_child = options["jobs_per_child"]
         self.burst = burst
         self.notice_s = notice
         self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
@@ -2017,8 +2029,8 @@ class Supervisor:
 
     def run(self):
         """Serve until stopped; returns 0. Children are forked: about ten times faster to
-        start than forkserver or spawn here, and safe because the supervisor is one thread
-        that forks only between steps (see the child section)."""
+        start than forkserver or spawn here, and safe because the supervisor forks only with
+        no transaction or statement open (see the child section)."""
         import ctypes
         import multiprocessing
         from multiprocessing.connection import wait
@@ -2157,7 +2169,11 @@ class Supervisor:
                                   self.id))
             lost_row = not self.queue.conn.changes()
         if lost_row and not self._stopping:         # taken for dead (a long stall): re-register
-            log.warning("supervisor %s was taken for dead; registering again", self.id)
+            log.warning("supervisor %s was taken for dead; its jobs were given to others: "
+                        "stopping their children and registering again", self.id)
+            for run in self._runs.values():          # their leases are gone: no double runs
+                if not run.killed:
+                    self._kill(run, "shutdown", at, "lease lost while the supervisor stalled")
             self._register()
 
     def _data_changed(self):
@@ -2235,9 +2251,11 @@ class Supervisor:
         """Per-job memory limit and timeout; and SIGKILL for a stop past its grace."""
         for run in list(self._runs.values()):
             limit, own_bytes = run.memory_limit_bytes, run.rss_bytes - run.baseline_bytes
-            self._check_started(run, at)
-            if own_bytes > limit and run.stop_reason not in ("memory", "emergency"):
-                self._kill(run, "memory", at, f"memory limit exceeded: "
+            self._check_started(run)
+            if own_bytes > limit and not run.killed:
+                if run.stop_reason != "cancel":
+                    run.kill_at = None    # over its limit: that is why it ends, whatever it
+                self._kill(run, "memory", at, f"memory limit exceeded: "    # was asked before
                            f"{format_bytes(own_bytes)} > {format_bytes(limit)}")
             elif run.ready_fd is not None and tick - run.started_tick > self.start_deadline_s:
                 self._kill(run, "start", at, f"the child did not start within "
@@ -2255,7 +2273,7 @@ class Supervisor:
                 self._kill(run, run.stop_reason, at, f"{run.detail}: no checkpoint within the grace")
 
     @staticmethod
-    def _check_started(run, at):
+    def _check_started(run):
         """Has the child told us it runs its task (past any lock copied by the fork)?"""
         if run.ready_fd is None:
             return
@@ -2288,7 +2306,7 @@ class Supervisor:
         reason it was asked to stop for (the job's error says timeout, not 'killed')."""
         if run.kill_at is None:
             run.stop_reason, run.detail = reason, detail
-        run.kill_at = None
+        run.kill_at, run.killed = None, True
         self._signal(run, signal.SIGKILL)
         log.warning("job %d %s killed: %s", run.job.id, run.job.task, detail)
         self.queue.record_event("decision", RUNNING, "kill", detail, job_id=run.job.id,
@@ -2338,6 +2356,10 @@ class Supervisor:
             jobs = self.queue.claim(self.id, tasks=self.tasks, priorities=priorities,
                                     limit=free, at=at)
             for index, job in enumerate(jobs):
+                if job.id in self._runs:             # its old child is not reaped yet
+                    self.queue.requeue(job.id, self.id, job.attempts, "still being stopped",
+                                       charge=False)
+                    continue
                 try:
                     self._start(job, at, tick)
                 except OSError as exc:        # fork refused (memory, pid limit): give back
@@ -2372,13 +2394,15 @@ class Supervisor:
 
     def _reap(self, at):
         """Settle every child that has ended; returns how many (each freed a slot)."""
-        ended = [r for r in self._runs.values() if _has_exited(r.process.pid)]
+        ended = [r for r in self._runs.values() if r.reaped or _has_exited(r.process.pid)]
         for run in ended:
-            # The child is a zombie, so its pid (and group id) cannot be reused yet: kill
-            # whatever it started and left behind, then reap it.
-            with contextlib.suppress(OSError):
-                os.killpg(run.process.pid, signal.SIGKILL)
-            run.process.join()
+            if not run.reaped:
+                # The child is a zombie, so its pid (and group id) cannot be reused yet: kill
+                # whatever it started and left behind, then reap it.
+                with contextlib.suppress(OSError):
+                    os.killpg(run.process.pid, signal.SIGKILL)
+                run.process.join()
+                run.reaped = True
             self._settle(run, at)              # first: if this fails, the run is kept
             del self._runs[run.job.id]
             run.process.close()
@@ -2607,7 +2631,8 @@ def _build_cli():
     @click.option("--grace", default="10", show_default=True,
                   help="seconds a job asked to stop has before it is killed")
     @click.option("--keep", help="purge final jobs older than this (e.g. 7d)")
-    @click.option("--jobs-per-child", type=int, default=1, show_default=True)
+    @click.option("--jobs-per-child", type=int, default=1, show_default=True,
+                  help="jobs a child runs before it is replaced (only 1 for now)")
     @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")

@@ -107,5 +107,5 @@ CREATE TABLE supervisors (
     tasks        TEXT NOT NULL,       -- JSON list of task names it serves
     level        TEXT NOT NULL DEFAULT 'normal',
     pressure     REAL,
-    running      TEXT NOT NULL DEFAULT '[]'   -- JSON: [{id, rss_bytes}] for status
+    running      TEXT NOT NULL DEFAULT '[]'   -- JSON: [{id, task, rss_bytes}] for status
 ) WITHOUT ROWID;

@@ -4,6 +4,7 @@ inherited from the supervisor, a busy database, what a task leaves behind, huge 
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -239,3 +240,50 @@ def test_a_wall_clock_step_neither_times_out_jobs_nor_stalls_the_loop(db_path, m
     finished = queue.get(job_id)
     assert finished.state == "done", finished.error
     assert CountingProbe.reads >= 10                 # ~15 polls in 1.5 s at 0.1 s
+
+
+def test_a_full_database_is_a_database_error_not_a_raw_apsw_one(db_path):
+    queue = litequeue.Queue(db_path)
+    queue.enqueue("echo")
+    pages = queue.conn.execute("PRAGMA page_count").fetchall()[0][0]
+    queue.conn.execute(f"PRAGMA max_page_count = {pages}")   # the disk is full, for this file
+    with pytest.raises(litequeue.DatabaseUnusable, match="disk is full") as caught:
+        queue.enqueue("echo", {"blob": "x" * 500_000})
+    assert caught.value.exit_code == 4 and isinstance(caught.value.orig, apsw.FullError)
+    assert [job.id for job in queue.jobs()] == [1]            # nothing half-written
+
+
+def test_a_read_only_file_is_exit_4_with_one_line(tmp_path):
+    db = tmp_path / "ro.db"
+    litequeue.Queue(str(db)).close()
+    if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this filesystem")   # root ignores chmod
+    try:
+        result = run_cli("enqueue", "echo", db=db)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)])
+    assert result.returncode == 4, result.stderr
+    assert "read-only" in result.stderr and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_going_over_the_limit_during_a_grace_is_a_memory_failure(db_path):
+    queue = litequeue.Queue(db_path)
+    queue.enqueue("echo")
+    job = queue.claim("sup")[0]
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        sup = litequeue.Supervisor(queue)
+
+        class Process:
+            pid = sleeper.pid
+        run = litequeue._Run(job, Process, 0.0, 0.0, 100 * MiB, 0, None)
+        run.stop_reason, run.detail, run.kill_at = "preempt", "preempted", 5.0
+        run.rss_bytes = 500 * MiB
+        sup._runs[job.id] = run
+        sup._enforce_limits(at=1.0, tick=1.0)
+        assert run.stop_reason == "memory" and run.detail.startswith("memory limit exceeded")
+        assert sleeper.wait(5) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()
