@@ -2801,6 +2801,10 @@ def main(argv=None):
         return exc.exit_code
     except click.exceptions.Abort:
         return 130
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:   # a bare group (click
+        # >= 8.2): its help, as usage, without an "error:" in front
+        print(exc.format_message(), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except click.ClickException as exc:
         print(f"litequeue: error: {exc.format_message()}", file=sys.stderr)
         return EXIT_BAD_INPUT
