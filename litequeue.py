@@ -97,7 +97,10 @@ APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file a
 MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
     1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
        "ALTER TABLE tasks ADD COLUMN breaker_window_s REAL;"
-       "DROP INDEX events_at;",
+       "DROP INDEX events_at;"
+       "DROP INDEX jobs_task_state;"
+       "CREATE INDEX jobs_task_queue ON jobs (task, priority, due_at, id)"
+       " WHERE state = 'queued';",
 }
 
 MiB = 1 << 20
@@ -1046,7 +1049,7 @@ class Queue:
         """Atomically take up to `limit` due jobs (priority, then due time, then id) for
         `owner`, skipping tasks behind an open breaker. Each claim charges one attempt."""
         at = now() if at is None else at
-        served = None if tasks is None else json.dumps(sorted(tasks))
+        served = None if tasks is None else json.dumps(sorted(set(tasks)))
         claimed = []
         with self._tx():
             # The best priority with anything queued, read off the claim index: the probes
@@ -1071,25 +1074,57 @@ class Queue:
                     self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
         return [Job(row) for row in claimed]
 
+    CLAIM_WINDOW = 64
+
     def _next_due(self, priority, at, served, blocked):
-        # One range scan of the claim index per priority: cost does not grow with the queue.
-        sql = ("SELECT id, task FROM jobs INDEXED BY jobs_claim"
-               " WHERE state = 'queued' AND priority = ?"
-               " AND due_at <= ? AND (expires_at IS NULL OR expires_at > ?)")
-        params = [priority, at, at]
-        if served is not None:
-            sql += " AND task IN (SELECT value FROM json_each(?))"
-            params.append(served)
-        if blocked:
-            sql += " AND task NOT IN (SELECT value FROM json_each(?))"
-            params.append(json.dumps(sorted(blocked)))
-        rows = _rows(self.conn.execute(sql + " ORDER BY due_at, id LIMIT 1", params))
-        return rows[0] if rows else None
+        """The next claimable job at one priority: {id, task}, or None.
+
+        Jobs are looked at in claim order (due time, then id) among the first CLAIM_WINDOW
+        due at this priority, which is where the next job almost always is. Only when all
+        of those belong to tasks this claimer may not run (served by another supervisor,
+        or behind an open breaker) does it seek the earliest job of each task it may run,
+        so a backlog of someone else's jobs never makes every claim scan it."""
+        window = ("SELECT id, task, expires_at FROM jobs INDEXED BY jobs_claim"
+                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :at"
+                  " ORDER BY due_at, id LIMIT :window")
+        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW,
+                  "served": served, "blocked": json.dumps(sorted(blocked))}
+        claimable = (" (expires_at IS NULL OR expires_at > :at)"
+                     " AND task NOT IN (SELECT value FROM json_each(:blocked))"
+                     + ("" if served is None
+                        else " AND task IN (SELECT value FROM json_each(:served))"))
+        rows = _rows(self.conn.execute(
+            f"SELECT id, task FROM ({window}) WHERE{claimable} LIMIT 1", params))
+        if rows:
+            return rows[0]
+        crowded = self.conn.execute(f"SELECT count(*) FROM ({window})",
+                                    params).fetchall()[0][0] == self.CLAIM_WINDOW
+        if not crowded:
+            return None
+        if served is None:                    # no list of tasks to seek: scan in claim order
+            rows = _rows(self.conn.execute(
+                "SELECT id, task FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
+                f" AND priority = :priority AND due_at <= :at AND{claimable}"
+                " ORDER BY due_at, id LIMIT 1", params))
+            return rows[0] if rows else None
+        best = None
+        for task in json.loads(served):
+            if task in blocked:
+                continue
+            rows = _rows(self.conn.execute(
+                "SELECT id, task, due_at FROM jobs INDEXED BY jobs_task_queue"
+                " WHERE state = 'queued' AND task = :task AND priority = :priority"
+                " AND due_at <= :at AND (expires_at IS NULL OR expires_at > :at)"
+                " ORDER BY due_at, id LIMIT 1", {**params, "task": task}))
+            if rows and (best is None or (rows[0]["due_at"], rows[0]["id"])
+                         < (best["due_at"], best["id"])):
+                best = rows[0]
+        return None if best is None else {"id": best["id"], "task": best["task"]}
 
     def has_due(self, *, tasks=None, at=None):
         """Is any job of these tasks claimable now (ignoring memory pressure)?"""
         at = now() if at is None else at
-        served = None if tasks is None else json.dumps(sorted(tasks))
+        served = None if tasks is None else json.dumps(sorted(set(tasks)))
         try:
             blocked, _ = breakers_blocking(self.conn, at)
         except apsw.Error as exc:
@@ -1116,12 +1151,15 @@ class Queue:
             rows = self.conn.execute(
                 "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
                 " pid = NULL, error = NULL WHERE id = ? AND state = 'running' AND owner = ?"
-                " AND attempts = ? RETURNING task", (text, at, job_id, owner, attempt)).fetchall()
+                " AND attempts = ? RETURNING task,"
+                " (SELECT state FROM breakers WHERE breakers.task = jobs.task)",
+                (text, at, job_id, owner, attempt)).fetchall()
             if not rows:
                 raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
-            task = rows[0][0]
+            task, breaker_state = rows[0]
             self._event(at, job_id, task, "job", RUNNING, DONE, None)
-            breaker_success(self, task, job_id, at)
+            if breaker_state not in (None, "closed"):        # only a trial can close one
+                breaker_success(self, task, job_id, at)
             if task == "heartbeat":
                 self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
                                   " ON CONFLICT (key) DO UPDATE SET value = excluded.value",

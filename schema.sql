@@ -64,7 +64,9 @@ CREATE INDEX jobs_expiry ON jobs (expires_at) WHERE state = 'queued' AND expires
 CREATE INDEX jobs_running ON jobs (owner) WHERE state = 'running';
 -- Retention: final jobs by age.
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
-CREATE INDEX jobs_task_state ON jobs (task, state);
+-- A claimer that may not run the jobs at the front of jobs_claim (another supervisor's
+-- tasks, an open breaker) seeks each task it may run here instead of scanning past them.
+CREATE INDEX jobs_task_queue ON jobs (task, priority, due_at, id) WHERE state = 'queued';
 -- At most one waiting or running job per unique key: the database itself enforces it.
 CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('queued', 'running');

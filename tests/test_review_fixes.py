@@ -287,3 +287,47 @@ def test_going_over_the_limit_during_a_grace_is_a_memory_failure(db_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def _claim_steps(queue, **claim_args):
+    """SQLite virtual-machine steps one claim takes (a measure of work, not of time)."""
+    steps = [0]
+
+    def count():
+        steps[0] += 1
+        return 0                                   # 0: carry on
+    queue.conn.set_progress_handler(count, 1)
+    try:
+        claimed = queue.claim("w", **claim_args)
+    finally:
+        queue.conn.set_progress_handler(None)
+    return claimed, steps[0]
+
+
+@pytest.mark.parametrize("why", ["served elsewhere", "breaker open"])
+def test_a_backlog_of_jobs_this_claimer_may_not_run_does_not_slow_its_claims(db_path, why):
+    """Several supervisors with different --app share a file; one task's backlog sits at the
+    front of the queue. Claiming another task's job must not scan that backlog."""
+    queue = litequeue.Queue(db_path, durable=False)
+    claim_args = {"tasks": ["mine", "backlog"]} if why == "breaker open" else {"tasks": ["mine"]}
+    if why == "breaker open":
+        for _ in range(3):
+            queue.enqueue("backlog")
+            job = queue.claim("w", tasks=["backlog"])[0]
+            queue.fail(job.id, "w", job.attempts, "boom")
+    steps = {}
+    for backlog in (200, 20_000):
+        queue.enqueue_many([("backlog", {"i": i}) for i in range(backlog)])
+        mine = queue.enqueue("mine")
+        claimed, steps[backlog] = _claim_steps(queue, **claim_args)
+        assert [job.id for job in claimed] == [mine]
+    assert steps[20_000] < 2 * steps[200] + 500, steps       # a scan would be ~100x
+
+
+def test_claim_order_across_tasks_is_kept_when_seeking_per_task(db_path):
+    queue = litequeue.Queue(db_path, durable=False)
+    queue.enqueue_many([("other", {"i": i}) for i in range(100)])     # fills the window
+    late = queue.enqueue("b", delay=0)
+    early_ids = [queue.enqueue("a"), queue.enqueue("b")]
+    order = [job.id for job in queue.claim("w", tasks=["a", "b"], limit=3)]
+    assert order == [late, *early_ids]
