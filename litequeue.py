@@ -112,6 +112,8 @@ MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
 MAX_NAME_CHARS = 200             # task names and unique keys
 LEASE_S = 30.0                   # a supervisor of another host silent this long is gone
 CHILD_START_DEADLINE_S = 10.0   # a child not running its task by then is stuck
+CHILD_GROWTH_LIMIT_BYTES = 32 * MiB  # a reused child grown this much since fork is replaced
+CHILD_IDLE_S = 30.0             # a reused child idle this long is let go, its memory freed
 SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a second
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
@@ -1781,8 +1783,15 @@ class MemoryProbe:
 
 
 # ======================================================================================
-# The child: one process per job
+# The child: a fresh process per job, or a pooled one for a few jobs in turn
 # ======================================================================================
+#
+# By default (--jobs-per-child 1) every job gets a fresh child, which exits after it: nothing
+# a job leaves behind (memory, threads, module state) reaches the next one. A fork costs the
+# supervisor about 10 ms of CPU, so with --jobs-per-child N a child that finished a job
+# cleanly waits for up to N - 1 more, handed over one at a time through a pipe (job id,
+# attempt, memory limit; the child reads the job from the database). Only a clean finish
+# reuses a child: a failure, a stop request or growth past CHILD_GROWTH_LIMIT_BYTES ends it.
 #
 # Children are forked (see Supervisor.run for why). A child never uses its parent's SQLite
 # connection: it opens its own. SQLite's unix VFS keeps lock bookkeeping per process and
@@ -1821,8 +1830,8 @@ def _die_with_parent(spec):
         os._exit(1)
 
 
-def _inherited_data_bytes():
-    """VmData of this process: what the child already holds at fork."""
+def _data_bytes():
+    """VmData of this process: the private memory it holds now."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -1833,10 +1842,15 @@ def _inherited_data_bytes():
     return 0
 
 
-def _limit_memory(limit_bytes):
+def _limit_memory(limit_bytes, *, hard):
+    """Let the next job add at most limit_bytes of private memory to what this process holds
+    now. A fresh child sets a hard limit. A reused child must be able to set the limit again
+    for its next job, so it sets only the soft limit: a task could raise it again itself, and
+    the supervisor's RSS polling still enforces the limit then."""
     import resource
-    ceiling = _inherited_data_bytes() + limit_bytes
-    resource.setrlimit(getattr(resource, MEMORY_RLIMIT), (ceiling, ceiling))
+    which = getattr(resource, MEMORY_RLIMIT)
+    ceiling = _data_bytes() + limit_bytes
+    resource.setrlimit(which, (ceiling, ceiling if hard else resource.getrlimit(which)[1]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))       # no core dumps on an SD card
 
 
@@ -1858,47 +1872,105 @@ def _call_task(fn, ctx, payload):
     return out
 
 
-def _child_main(spec, job, fn, owner, memory_limit_bytes, ready_fd):
-    """Entry point of a job's child process."""
-    import traceback
-    # SIGUSR1 is the supervisor asking for a stop. SIGTERM is treated the same way: systemd
-    # (KillMode=control-group) sends it to every process of the service, and the job should
-    # then stop at its next checkpoint like the supervisor does, not die as a failure.
-    # Ctrl-C reaches the whole process group too; it is the supervisor's to handle.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop_asked = []
+class _ChildSignals:
+    """A child's stop requests: SIGUSR1 from the supervisor, and SIGTERM, which systemd
+    (KillMode=control-group) sends to every process of the service; either way the job
+    stops at its next checkpoint, as it would for the supervisor, rather than die as a
+    failure. A pooled child waiting for its next job has nothing to save and stops at once."""
+
+    def __init__(self):
+        self.asked, self.ctx, self.idle = False, None, False
+
+    def handle(self, signum, frame):
+        self.asked = True
+        if self.ctx is not None:
+            self.ctx.ask_stop()
+        if self.idle:
+            raise StopRequested()
+
+
+def _child_main(spec, job, tasks, owner, memory_limit_bytes, channel, jobs_r, jobs_per_child):
+    """Entry point of a child. It runs `job`; a pooled child (jobs_r not None) then waits for
+    up to jobs_per_child - 1 more, handed over one at a time on jobs_r. On `channel` it tells
+    the supervisor b"1" when a job's task starts (past every lock copied by the fork), and b"2"
+    when a job is recorded done and the child waits for another. Any other end of a job ends
+    the child, which the supervisor then replaces: a failure, a stop request, or growth."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
+    signals = _ChildSignals()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop_asked.append(True))
+        signal.signal(signum, signals.handle)
     _die_with_parent(spec)
     os.setpgid(0, 0)          # its own process group: a kill takes the programs it started too
-    _limit_memory(memory_limit_bytes)
+    pooled = jobs_r is not None
+    _limit_memory(memory_limit_bytes, hard=not pooled)
     queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
                   breaker=spec.breaker_policy, _checked=True)
-    ctx = Context(queue, job, owner)
-    os.write(ready_fd, b"1")                         # started: past every lock of the fork
-    os.close(ready_fd)
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, lambda *_: ctx.ask_stop())
-    if stop_asked:
-        ctx.ask_stop()
+    forked_bytes = process_rss_bytes(os.getpid()) or 0
     try:
-        result = _call_task(fn, ctx, job.payload)
+        for number in range(1, jobs_per_child + 1):
+            done = _run_job(queue, job, tasks[job.task].fn, owner, memory_limit_bytes, channel,
+                            signals)
+            grown = (process_rss_bytes(os.getpid()) or 0) - forked_bytes
+            if (not done or not pooled or number == jobs_per_child or signals.asked
+                    or grown > CHILD_GROWTH_LIMIT_BYTES):
+                return
+            os.write(channel, b"2")
+            job, memory_limit_bytes = _next_job(queue, jobs_r, owner, signals)
+            if job is None:
+                return
+            _limit_memory(memory_limit_bytes, hard=False)
     except StopRequested:
         sys.exit(EXIT_CHILD_STOPPED)
+
+
+def _run_job(queue, job, fn, owner, memory_limit_bytes, channel, signals):
+    """Run one job and record its outcome. True if it ended done (the child may be reused)."""
+    import traceback
+    ctx = signals.ctx = Context(queue, job, owner)
+    if signals.asked:
+        ctx.ask_stop()
+    os.write(channel, b"1")
+    try:
+        result = _call_task(fn, ctx, job.payload)
     except LeaseLost:
-        sys.exit(0)                                  # someone else owns the job now
+        return False                                 # someone else owns the job now
     except MemoryError:
         _record_failure(queue, job, owner, f"memory limit exceeded: MemoryError under the "
                         f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}")
+        return False
     except Exception:
         _record_failure(queue, job, owner, traceback.format_exc())
-    else:
-        try:
-            queue.complete(job.id, owner, job.attempts, result)
-        except BadPayload as exc:
-            _record_failure(queue, job, owner, f"task returned a result that is not JSON: {exc}")
-        except LeaseLost:
-            pass
+        return False
+    finally:
+        signals.ctx = None
+    try:
+        queue.complete(job.id, owner, job.attempts, result)
+    except BadPayload as exc:
+        _record_failure(queue, job, owner, f"task returned a result that is not JSON: {exc}")
+        return False
+    except LeaseLost:
+        return False
+    return True
+
+
+def _next_job(queue, jobs_r, owner, signals):
+    """Wait for the supervisor to hand over another job: (Job, memory limit in bytes), or
+    (None, None) when it lets the child go (end of file) or the lease is not ours."""
+    signals.idle = True
+    if signals.asked:
+        raise StopRequested()
+    message = b""
+    while not message.endswith(b"\n"):
+        chunk = os.read(jobs_r, 64)
+        if not chunk:
+            return None, None
+        message += chunk
+    signals.idle = False
+    job_id, attempts, limit_bytes = (int(field) for field in message.split())
+    job = queue.get(job_id)
+    if (job.state, job.owner, job.attempts) != (RUNNING, owner, attempts):
+        return None, None
+    return job, limit_bytes
 
 
 def _record_failure(queue, job, owner, error):
@@ -1987,11 +2059,9 @@ def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.
                        thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
                        jobs_per_child=1):
     """The supervisor's options, validated (BadInput otherwise) and in units."""
-    if parse_positive_int(jobs_per_child, "jobs_per_child") != 1:
-        raise BadInput("jobs_per_child above 1 (pooled children) is not supported yet: "
-                       "every job runs in a fresh child")
     return {
         "slots": parse_positive_int(slots, "slots"),
+        "jobs_per_child": parse_positive_int(jobs_per_child, "jobs_per_child"),
         "memory_limit_bytes": parse_size(memory_limit, "memory_limit"),
         "memory_budget_bytes": (None if memory_budget is None
                                 else parse_size(memory_budget, "memory_budget")),
@@ -2002,28 +2072,55 @@ def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.
     }
 
 
+class _Child:
+    """A child process as the supervisor tracks it, across the jobs it runs."""
+
+    __slots__ = ("process", "channel", "jobs_w", "reaped", "idle_since")
+
+    def __init__(self, process, channel, jobs_w):
+        self.process = process
+        self.channel = channel      # read end: b"1" task started, b"2" done, waiting for more
+        self.jobs_w = jobs_w        # write end for handing over the next job; None if unpooled
+        self.reaped = False         # waited for: its pid may be reused from then on
+        self.idle_since = None      # tick since it waits for a job
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def close(self):
+        self.process.close()
+        for fd in (self.channel, self.jobs_w):
+            if fd is not None:
+                os.close(fd)
+
+
 class _Run:
     """A job running in a child, as the supervisor tracks it."""
 
-    __slots__ = ("job", "process", "started_at", "started_tick", "memory_limit_bytes",
-                 "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "ready_fd",
-                 "killed", "reaped")
+    __slots__ = ("job", "child", "started_at", "started_tick", "memory_limit_bytes",
+                 "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "started",
+                 "killed")
 
-    def __init__(self, job, process, started_at, started_tick, memory_limit_bytes,
-                 baseline_bytes, ready_fd):
-        self.job, self.process, self.started_at = job, process, started_at
+    def __init__(self, job, child, started_at, started_tick, memory_limit_bytes,
+                 baseline_bytes):
+        self.job, self.child, self.started_at = job, child, started_at
         self.started_tick = started_tick        # monotonic: timeouts and the start deadline
         self.memory_limit_bytes = memory_limit_bytes
-        # What the child holds from the fork: counted by the rlimit's base, not the job's.
+        # What the child held when it got the job (from the fork, or from earlier jobs):
+        # counted by the rlimit's base, not against the job.
         self.baseline_bytes = baseline_bytes
-        self.ready_fd = ready_fd    # the child writes a byte once it runs the task
+        self.started = False        # the child said its task started (b"1")
         self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory,
                                     # start (hung before the task began)
         self.killed = False         # SIGKILL sent
-        self.reaped = False         # waited for: its pid may be reused from then on
         self.kill_at = None         # SIGKILL at this tick (monotonic) if still alive
         self.rss_bytes = 0
         self.detail = None          # the figures behind a kill, for the job's error
+
+    @property
+    def process(self):
+        return self.child.process
 
     def view(self):
         return RunningView(self.job.id, self.job.priority_value, self.rss_bytes,
@@ -2045,6 +2142,7 @@ class Supervisor:
         options = supervisor_options(slots, memory_limit, memory_budget, poll, thresholds,
                                      margin, hold, grace, keep, jobs_per_child)
         self.slots, self.memory_limit_bytes = options["slots"], options["memory_limit_bytes"]
+        self.jobs_per_child = options["jobs_per_child"]
         self.probe = probe or MemoryProbe(options["memory_budget_bytes"])
         self.poll_s, self.tracker = options["poll_s"], options["tracker"]
         self.grace_s, self.keep_s = options["grace_s"], options["keep_s"]
@@ -2057,6 +2155,8 @@ class Supervisor:
         self.host = host_identity()
         self.pressure = None
         self._runs = {}
+        self._idle = []             # pooled children waiting for a job
+        self._retiring = []         # children let go, not yet reaped
         self._stopping = self._stop_now = self._finished = False
         self._next_poll_at = self._next_heartbeat_at = self._next_purge_at = 0.0
         self._data_version = None
@@ -2117,7 +2217,9 @@ class Supervisor:
     def _sleep(self, wake_at, wait, watch, wakeup_r):
         """Sleep until wake_at, a child ends, a signal arrives, or another process writes
         the database. Where inotify is missing, look at the file every notice_s instead."""
-        ready = [r.process.sentinel for r in self._runs.values()] + [wakeup_r]
+        ready = [wakeup_r]
+        for run in self._runs.values():
+            ready += [run.process.sentinel, run.child.channel]
         left = max(0.0, wake_at - time.monotonic())
         if watch is None:
             woken = wait(ready, min(left, self.notice_s))
@@ -2158,6 +2260,8 @@ class Supervisor:
             tick = time.monotonic() if at is None else at
         at = now() if at is None else at
         reaped = self._reap(at)
+        if self._idle:
+            self._retire_idle(idle_since=time.monotonic() - CHILD_IDLE_S)
         if tick >= self._next_heartbeat_at:
             self._heartbeat(at)
             self._recover_orphans(at)
@@ -2263,7 +2367,7 @@ class Supervisor:
     # -- memory -------------------------------------------------------------------------
 
     def _poll_memory(self, at, tick):
-        reading = self.probe.read([r.process.pid for r in self._runs.values()])
+        reading = self.probe.read([child.pid for child in self._children()])
         self.pressure = reading.pressure
         before = self.tracker.level
         level = self.tracker.update(reading.pressure, tick)
@@ -2271,6 +2375,8 @@ class Supervisor:
             log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
             self.queue.record_event("level", before, level, "memory pressure",
                                     pressure=reading.pressure, at=at)
+        if level != "normal":
+            self._retire_idle()             # idle children hold memory for nothing
         for run in self._runs.values():
             run.rss_bytes = job_rss_bytes(run.process.pid) or run.rss_bytes
         self._enforce_limits(at, tick)
@@ -2289,13 +2395,12 @@ class Supervisor:
         """Per-job memory limit and timeout; and SIGKILL for a stop past its grace."""
         for run in list(self._runs.values()):
             limit, own_bytes = run.memory_limit_bytes, run.rss_bytes - run.baseline_bytes
-            self._check_started(run)
             if own_bytes > limit and not run.killed:
                 if run.stop_reason != "cancel":
                     run.kill_at = None    # over its limit: that is why it ends, whatever it
                 self._kill(run, "memory", at, f"memory limit exceeded: "    # was asked before
                            f"{format_bytes(own_bytes)} > {format_bytes(limit)}")
-            elif run.ready_fd is not None and tick - run.started_tick > self.start_deadline_s:
+            elif not run.started and tick - run.started_tick > self.start_deadline_s:
                 self._kill(run, "start", at, f"the child did not start within "
                            f"{self.start_deadline_s:g}s: it hung after fork (another thread of "
                            f"the supervisor held a lock then; an --app that starts threads at "
@@ -2310,25 +2415,16 @@ class Supervisor:
             elif run.kill_at is not None and tick >= run.kill_at:
                 self._kill(run, run.stop_reason, at, f"{run.detail}: no checkpoint within the grace")
 
-    @staticmethod
-    def _check_started(run):
-        """Has the child told us it runs its task (past any lock copied by the fork)?"""
-        if run.ready_fd is None:
-            return
-        with contextlib.suppress(BlockingIOError):
-            if os.read(run.ready_fd, 1):
-                os.close(run.ready_fd)
-                run.ready_fd = None
-
     # -- stopping children --------------------------------------------------------------
 
     @staticmethod
-    def _signal(run, signum):
+    def _signal(run_or_child, signum):
+        pid = run_or_child.process.pid
         with contextlib.suppress(ProcessLookupError):
             if signum == signal.SIGKILL:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(run.process.pid, signum)     # the job and what it started
-            os.kill(run.process.pid, signum)
+                    os.killpg(pid, signum)                  # the job and what it started
+            os.kill(pid, signum)
 
     def _ask_stop(self, run, reason, at, tick, detail):
         """Ask a child to stop at its next checkpoint; SIGKILL after the grace period."""
@@ -2363,6 +2459,7 @@ class Supervisor:
     def _shut_down(self, at, tick):
         """First signal: ask every job to stop at its next checkpoint, kill after the grace
         period. Second signal: kill them all now. Either way their jobs go back to queued."""
+        self._retire_idle()
         for run in self._runs.values():
             if self._stop_now:
                 if run.stop_reason not in ("cancel", "timeout", "memory"):
@@ -2377,13 +2474,31 @@ class Supervisor:
             self._finished = True
 
     def _abandon_children(self):
-        """Leaving run() with children still alive (an error in the loop): kill them and
-        give their jobs back, so nothing is lost."""
+        """Leaving run(): let idle children go, and (after an error in the loop) kill those
+        still running and give their jobs back, so nothing is lost."""
         for run in list(self._runs.values()):
             run.stop_reason = run.stop_reason or "shutdown"
             self._signal(run, signal.SIGKILL)
-        while self._runs:
+        self._retire_idle()
+        while self._runs or self._retiring:
             self._reap(now())
+            if self._retiring:
+                time.sleep(0.005)
+
+    def _children(self):
+        return [run.child for run in self._runs.values()] + self._idle + self._retiring
+
+    def _retire_idle(self, idle_since=None):
+        """Let idle children go (all, or those idle since before `idle_since`): SIGTERM ends
+        a child waiting for a job at once."""
+        for child in list(self._idle):
+            if idle_since is None or child.idle_since < idle_since:
+                self._idle.remove(child)
+                self._retire(child)
+
+    def _retire(self, child):
+        self._signal(child, signal.SIGTERM)
+        self._retiring.append(child)
 
     # -- starting and settling children -------------------------------------------------
 
@@ -2411,42 +2526,102 @@ class Supervisor:
 
     def _start(self, job, at, tick):
         limit = job.memory_limit_bytes or self.memory_limit_bytes
-        ready_r, ready_w = os.pipe()
+        child = self._hand_to_idle(job, limit)
+        if child is not None:
+            baseline = job_rss_bytes(child.pid)
+        else:
+            child = self._fork(job, limit)
+            baseline = process_rss_bytes(os.getpid()) or 0
+        self._runs[job.id] = _Run(job, child, at, tick, limit, baseline)
+        log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
+                 job.max_attempts, child.pid)
+
+    def _hand_to_idle(self, job, limit):
+        """Give the job to an idle pooled child; None if there is none alive."""
+        while self._idle:
+            child = self._idle.pop()
+            try:
+                os.write(child.jobs_w, f"{job.id} {job.attempts} {limit}\n".encode())
+                return child
+            except BrokenPipeError:               # it died while idle
+                self._retiring.append(child)
+        return None
+
+    def _fork(self, job, limit):
+        channel_r, channel_w = os.pipe()
+        jobs_r, jobs_w = os.pipe() if self.jobs_per_child > 1 else (None, None)
         process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
-                                   args=(self._spec, job, self.tasks[job.task].fn, self.id, limit,
-                                         ready_w))
+                                   args=(self._spec, job, self.tasks, self.id, limit, channel_w,
+                                         jobs_r, self.jobs_per_child))
         try:
             process.start()
         except BaseException:
-            os.close(ready_r)
+            for fd in (channel_r, jobs_w):
+                if fd is not None:
+                    os.close(fd)
             raise
         finally:
-            os.close(ready_w)
-        os.set_blocking(ready_r, False)
+            for fd in (channel_w, jobs_r):
+                if fd is not None:
+                    os.close(fd)
+        os.set_blocking(channel_r, False)
         with contextlib.suppress(OSError):        # also set in the child: whichever runs first
             os.setpgid(process.pid, process.pid)
-        self._runs[job.id] = _Run(job, process, at, tick, limit,
-                                  process_rss_bytes(os.getpid()) or 0, ready_r)
-        log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
-                 job.max_attempts, process.pid)
+        return _Child(process, channel_r, jobs_w)
 
     def _reap(self, at):
-        """Settle every child that has ended; returns how many (each freed a slot)."""
-        ended = [r for r in self._runs.values() if r.reaped or _has_exited(r.process.pid)]
+        """Settle every job whose child said it is done or has ended; returns how many
+        (each freed a slot). Reap idle and retired children that have ended."""
+        freed = self._read_channels(at)
+        ended = [r for r in self._runs.values() if r.child.reaped or _has_exited(r.child.pid)]
         for run in ended:
-            if not run.reaped:
-                # The child is a zombie, so its pid (and group id) cannot be reused yet: kill
-                # whatever it started and left behind, then reap it.
-                with contextlib.suppress(OSError):
-                    os.killpg(run.process.pid, signal.SIGKILL)
-                run.process.join()
-                run.reaped = True
+            self._wait_for(run.child)
             self._settle(run, at)              # first: if this fails, the run is kept
             del self._runs[run.job.id]
-            run.process.close()
-            if run.ready_fd is not None:
-                os.close(run.ready_fd)
-        return len(ended)
+            run.child.close()
+        for spare in (self._idle, self._retiring):
+            for child in [c for c in spare if _has_exited(c.pid)]:
+                self._wait_for(child)
+                spare.remove(child)
+                child.close()
+        return freed + len(ended)
+
+    @staticmethod
+    def _wait_for(child):
+        if not child.reaped:
+            # The child is a zombie, so its pid (and group id) cannot be reused yet: kill
+            # whatever it started and left behind, then reap it.
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.process.join()
+            child.reaped = True
+
+    def _read_channels(self, at):
+        """Read what running children said: b"1" the task started, b"2" the job is recorded
+        done and the child waits for another. Returns how many jobs ended that way."""
+        finished = 0
+        for run in list(self._runs.values()):
+            try:
+                said = os.read(run.child.channel, 16)
+            except BlockingIOError:
+                continue
+            run.started = run.started or b"1" in said
+            if b"2" in said:
+                self._settle(run, at)
+                del self._runs[run.job.id]
+                self._keep_or_retire(run)
+                finished += 1
+        return finished
+
+    def _keep_or_retire(self, run):
+        """A pooled child finished a job: keep it for the next, unless it was asked to stop
+        or memory is tight."""
+        if (run.stop_reason is None and not run.killed and not self._stopping
+                and self.tracker.level == "normal"):
+            run.child.idle_since = time.monotonic()
+            self._idle.append(run.child)
+        else:
+            self._retire(run.child)
 
     def _settle(self, run, at):
         """A child has ended: if it did not record its own outcome, record why it ended."""
@@ -2670,7 +2845,8 @@ def _build_cli():
                   help="seconds a job asked to stop has before it is killed")
     @click.option("--keep", help="purge final jobs older than this (e.g. 7d)")
     @click.option("--jobs-per-child", type=int, default=1, show_default=True,
-                  help="jobs a child runs before it is replaced (only 1 for now)")
+                  help="jobs one child may run before it is replaced; above 1, a child is "
+                       "reused after a clean finish and each job's memory limit is a soft rlimit")
     @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")

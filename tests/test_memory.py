@@ -512,10 +512,13 @@ def test_supervisor_polls_only_every_poll_interval(queue):
     assert len(calls) == 2
 
 
-def test_preempted_chunked_job_resumes_with_injected_pressure(queue):
+@pytest.mark.parametrize("jobs_per_child", [1, 4])
+def test_preempted_chunked_job_resumes_with_injected_pressure(queue, jobs_per_child):
     """Deterministic pressure, real children: two low chunked jobs, pressure at 90 % until
-    both have been preempted once. One victim at a time; both resume and finish."""
+    both have been preempted once. One victim at a time; both resume and finish. Two quick
+    critical jobs run first, so with pooled children the chunked jobs run in reused ones."""
     tasks = litequeue.builtin_tasks(queue, demos=True)
+    warm = [queue.enqueue("echo", {"n": i}, priority="critical") for i in range(2)]
     ids = [queue.enqueue("chunked", {"chunks": 20, "chunk_s": 0.05}) for _ in range(2)]
     reader = litequeue.Queue(queue.path)
     deadline = time.monotonic() + 20
@@ -531,12 +534,14 @@ def test_preempted_chunked_job_resumes_with_injected_pressure(queue):
         return 90.0 if busy or any(j.preemptions for j in jobs) else 10.0
 
     sup = litequeue.Supervisor(queue, slots=2, probe=ScriptedProbe(pressure), poll=0.05,
-                               hold=0.2, grace=5, burst=True, tasks=tasks)
+                               hold=0.2, grace=5, burst=True, tasks=tasks,
+                               jobs_per_child=jobs_per_child)
     try:
         assert sup.run() == 0
     finally:
         reader.close()
     assert time.monotonic() < deadline, "the supervisor had to be stopped"
+    assert all(queue.get(job_id).state == "done" for job_id in warm)
     for job_id in ids:
         job = queue.get(job_id)
         assert job.state == "done"

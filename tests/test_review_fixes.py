@@ -275,9 +275,11 @@ def test_going_over_the_limit_during_a_grace_is_a_memory_failure(db_path):
     try:
         sup = litequeue.Supervisor(queue)
 
-        class Process:
-            pid = sleeper.pid
-        run = litequeue._Run(job, Process, 0.0, 0.0, 100 * MiB, 0, None)
+        class Child:
+            class process:
+                pid = sleeper.pid
+        run = litequeue._Run(job, Child, 0.0, 0.0, 100 * MiB, 0)
+        run.started = True
         run.stop_reason, run.detail, run.kill_at = "preempt", "preempted", 5.0
         run.rss_bytes = 500 * MiB
         sup._runs[job.id] = run

@@ -1,0 +1,305 @@
+"""Pooled children (`serve --jobs-per-child N`, issue 6): a child runs up to N jobs of its
+slot before it is replaced, and is replaced early when a job failed in it or its RSS grew
+past CHILD_GROWTH_LIMIT_BYTES. The memory limit, the preemption and the crash accounting
+stay per job. Real `python litequeue.py serve` runs, real children, real rlimits and memory;
+each test puts the job under test on a child that has already run one (a warm job first)."""
+
+import os
+import resource
+import signal
+import time
+
+import psutil
+import pytest
+
+import litequeue
+from conftest import integrity_ok, run_cli, wait_for, write_app
+from test_supervisor import (FAST, assert_no_children_left, burst, get, is_gone, serve,  # noqa: F401
+                             state_of)
+
+MiB = 1 << 20
+
+APP_POOL = f"""
+    import mmap, resource
+
+    LEAKED = []
+
+    @queue.task
+    def whoami(ctx, n=0):
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        return {{"pid": os.getpid(), "n": n, "soft": soft, "hard": hard}}
+
+    @queue.task(max_attempts=1)
+    def boom(ctx):
+        raise ValueError("boom")
+
+    @queue.task(max_attempts=1)
+    def hard_exit(ctx, code=3):
+        os._exit(code)
+
+    @queue.task(max_attempts=1)
+    def leak(ctx, mb):
+        LEAKED.append(bytearray(b"l") * (mb << 20))     # kept after the job: the child grew
+        return os.getpid()
+
+    @queue.task(max_attempts=1, memory_limit="64M")
+    def hog(ctx, mb, pid_file):
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        block = bytearray(b"x") * (mb << 20)
+        return len(block)
+
+    @queue.task(max_attempts=1, memory_limit="64M")
+    def shm_hog(ctx, mb, pid_file):
+        # Shared memory is not private data: only the supervisor's RSS polling sees it.
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        area = mmap.mmap(-1, mb << 20)
+        for offset in range(0, mb << 20, mmap.PAGESIZE):
+            area[offset] = 1
+        time.sleep(30)
+
+    @queue.task
+    def steps(ctx, n=30, step_s=0.05):
+        state = ctx.checkpoint or {{"i": 0, "pids": []}}
+        state["pids"] = sorted(set(state["pids"]) | {{os.getpid()}})
+        while state["i"] < n:
+            time.sleep(step_s)
+            state = {{"i": state["i"] + 1, "pids": state["pids"]}}
+            ctx.save(state)
+        return state
+"""
+
+
+def result_pid(db, job_id):
+    job = get(db, job_id)
+    assert job.state == "done", (job.state, job.error)
+    return job.result["pid"] if isinstance(job.result, dict) else job.result
+
+
+def in_order(db, *jobs):
+    """Enqueue (task, payload) pairs in order; with --slots 1 they run in this order. The
+    file's task catalogue is written by the first serve, so the limits that the app declares
+    are given here too."""
+    with litequeue.Queue(db) as q:
+        return [q.enqueue(task, payload, **OPTIONS.get(task, {})) for task, payload in jobs]
+
+
+OPTIONS = {"boom": {"max_attempts": 1}, "hard_exit": {"max_attempts": 1},
+           "leak": {"max_attempts": 1}, "hog": {"max_attempts": 1, "memory_limit": "64M"},
+           "shm_hog": {"max_attempts": 1, "memory_limit": "64M"}}
+
+
+def test_children_are_reused_up_to_jobs_per_child(tmp_path, db_path):
+    app = write_app(tmp_path, APP_POOL)
+    with litequeue.Queue(db_path) as q:
+        ids = q.enqueue_many([("whoami", {"n": i}) for i in range(30)])
+    out = burst(db_path, app, "--slots", "2", "--jobs-per-child", "10")
+    assert out.returncode == 0, out.stderr
+    pids = [result_pid(db_path, i) for i in ids]
+    uses = {pid: pids.count(pid) for pid in set(pids)}
+    assert max(uses.values()) <= 10, uses
+    assert 3 <= len(uses) < 30, uses              # reused, and replaced after 10 jobs
+
+
+def test_default_is_a_fresh_child_per_job_with_a_hard_limit(tmp_path, db_path):
+    app = write_app(tmp_path, APP_POOL)
+    with litequeue.Queue(db_path) as q:
+        ids = q.enqueue_many([("whoami", {"n": i}) for i in range(6)])
+    out = burst(db_path, app, "--slots", "2")
+    assert out.returncode == 0, out.stderr
+    results = [get(db_path, i).result for i in ids]
+    assert len({r["pid"] for r in results}) == 6
+    assert all(r["soft"] == r["hard"] != resource.RLIM_INFINITY for r in results)
+
+
+def test_a_reused_child_sets_each_jobs_limit_as_a_soft_rlimit(tmp_path, db_path):
+    app = write_app(tmp_path, APP_POOL)
+    ids = in_order(db_path, ("whoami", {"n": 0}), ("whoami", {"n": 1}))
+    out = burst(db_path, app, "--slots", "1", "--jobs-per-child", "5", "--memory-limit", "300M")
+    assert out.returncode == 0, out.stderr
+    first, second = (get(db_path, i).result for i in ids)
+    assert first["pid"] == second["pid"]
+    for limits in (first, second):
+        # Soft: the child can set it again for its next job. About what the child held
+        # (tens of MiB) plus the job's 300 MiB.
+        assert limits["hard"] == resource.RLIM_INFINITY
+        assert 300 * MiB < limits["soft"] < 600 * MiB, limits
+
+
+def test_a_failed_job_replaces_its_child(tmp_path, db_path):
+    app = write_app(tmp_path, APP_POOL)
+    ids = in_order(db_path, ("whoami", {"n": 0}), ("whoami", {"n": 1}), ("boom", None),
+                   ("whoami", {"n": 2}))
+    out = burst(db_path, app, "--slots", "1", "--jobs-per-child", "10")
+    assert out.returncode == 0, out.stderr
+    assert get(db_path, ids[2]).state == "dead"
+    assert "ValueError: boom" in get(db_path, ids[2]).error
+    before_a, before_b, after = (result_pid(db_path, i) for i in (ids[0], ids[1], ids[3]))
+    assert before_a == before_b != after
+
+
+@pytest.mark.parametrize("mb, replaced", [(1, False), (48, True)])
+def test_a_child_that_grew_past_the_threshold_is_replaced(tmp_path, db_path, mb, replaced):
+    assert litequeue.CHILD_GROWTH_LIMIT_BYTES == 32 * MiB
+    app = write_app(tmp_path, APP_POOL)
+    leak_id, after_id = in_order(db_path, ("leak", {"mb": mb}), ("whoami", {}))
+    out = burst(db_path, app, "--slots", "1", "--jobs-per-child", "10")
+    assert out.returncode == 0, out.stderr
+    assert (result_pid(db_path, leak_id) != result_pid(db_path, after_id)) == replaced
+
+
+def test_memory_limit_still_applies_per_job_in_a_reused_child(tmp_path, db_path):
+    app = write_app(tmp_path, APP_POOL)
+    pid_file = tmp_path / "hog.pid"
+    warm, hog, after = in_order(db_path, ("whoami", {}),
+                                ("hog", {"mb": 200, "pid_file": str(pid_file)}), ("whoami", {}))
+    out = burst(db_path, app, "--slots", "1", "--jobs-per-child", "10")
+    assert out.returncode == 0, out.stderr
+    assert int(pid_file.read_text()) == result_pid(db_path, warm)    # it ran in a reused child
+    job = get(db_path, hog)
+    assert job.state == "dead"
+    assert "memory limit exceeded: MemoryError under the 64 MiB limit" in job.error
+    assert result_pid(db_path, after) != result_pid(db_path, warm)   # a failure: replaced
+
+
+def test_rss_polling_measures_a_reused_childs_job_from_its_hand_over(tmp_path, db_path, serve):
+    """The warm job leaves the child 40 MiB bigger (under the growth threshold, so it is
+    reused). The shared-memory job then holds 100 MiB: its own memory is measured from the
+    hand-over, and its 64 MiB limit is enforced by RSS polling, the rlimit being blind to it."""
+    app = write_app(tmp_path, APP_POOL)
+    pid_file = tmp_path / "shm.pid"
+    server = serve("--app", app, "--slots", "1", "--jobs-per-child", "10", *FAST)
+    (warm,) = in_order(db_path, ("leak", {"mb": 30}))
+    wait_for(lambda: state_of(db_path, warm) == "done")
+    (hog,) = in_order(db_path, ("shm_hog", {"mb": 100, "pid_file": str(pid_file)}))
+    wait_for(lambda: state_of(db_path, hog) == "dead", timeout=20)
+    assert int(pid_file.read_text()) == result_pid(db_path, warm)
+    error = get(db_path, hog).error
+    assert error.startswith("memory limit exceeded: ") and error.endswith(" > 64 MiB"), error
+    own_mib = int(error.split(": ")[1].split(" MiB")[0])
+    assert 64 < own_mib < 130, error          # the job's 100 MiB, not the warm job's 30 more
+    assert server.alive()
+    assert server.terminate() == 0
+    assert_no_children_left(server)
+
+
+def test_a_crash_in_a_reused_child_is_charged_to_that_job_only(tmp_path, db_path):
+    app = write_app(tmp_path, APP_POOL)
+    warm, crash, after = in_order(db_path, ("whoami", {}), ("hard_exit", {"code": 3}),
+                                  ("whoami", {}))
+    out = burst(db_path, app, "--slots", "1", "--jobs-per-child", "10")
+    assert out.returncode == 0, out.stderr
+    job = get(db_path, crash)
+    assert (job.state, job.attempts) == ("dead", 1)
+    assert job.error == "child exited with code 3 without recording a result"
+    assert get(db_path, warm).attempts == get(db_path, after).attempts == 1
+    assert result_pid(db_path, after) != result_pid(db_path, warm)
+
+
+def test_sigterm_stops_a_reused_childs_job_at_a_checkpoint_and_idle_children_go(
+        tmp_path, db_path, serve):
+    app = write_app(tmp_path, APP_POOL)
+    server = serve("--app", app, "--slots", "2", "--jobs-per-child", "10", *FAST)
+    warm = in_order(db_path, ("whoami", {"n": 0}), ("whoami", {"n": 1}))
+    wait_for(lambda: all(state_of(db_path, i) == "done" for i in warm))
+    warm_pids = {result_pid(db_path, i) for i in warm}
+    (long_job,) = in_order(db_path, ("steps", {"n": 200, "step_s": 0.05}))
+    wait_for(lambda: (get(db_path, long_job).checkpoint or {}).get("i", 0) >= 3, timeout=10)
+    running_in = get(db_path, long_job).checkpoint["pids"]
+    assert set(running_in) <= warm_pids                  # the long job got a reused child
+    assert server.terminate(timeout=10) == 0
+    job = get(db_path, long_job)
+    assert (job.state, job.attempts) == ("queued", 0)    # a shutdown is not charged
+    assert 3 <= job.checkpoint["i"] < 200
+    assert_no_children_left(server)                     # the idle child went too
+    assert all(not psutil.pid_exists(pid) or is_gone(psutil.Process(pid)) for pid in warm_pids)
+    assert integrity_ok(db_path)
+
+
+def test_cancel_of_a_job_in_a_reused_child(tmp_path, db_path, serve):
+    app = write_app(tmp_path, APP_POOL)
+    server = serve("--app", app, "--slots", "1", "--jobs-per-child", "10", *FAST)
+    (warm,) = in_order(db_path, ("whoami", {}))
+    wait_for(lambda: state_of(db_path, warm) == "done")
+    (long_job,) = in_order(db_path, ("steps", {"n": 400, "step_s": 0.05}))
+    wait_for(lambda: (get(db_path, long_job).checkpoint or {}).get("i", 0) >= 2, timeout=10)
+    assert get(db_path, long_job).checkpoint["pids"] == [result_pid(db_path, warm)]
+    out = run_cli("jobs", "cancel", long_job, db=db_path)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: state_of(db_path, long_job) == "cancelled", timeout=10)
+    (after,) = in_order(db_path, ("whoami", {}))
+    wait_for(lambda: state_of(db_path, after) == "done", timeout=10)
+    assert result_pid(db_path, after) != result_pid(db_path, warm)
+    assert server.terminate() == 0
+    assert_no_children_left(server)
+
+
+def test_an_idle_child_killed_from_outside_loses_nothing(tmp_path, db_path, serve):
+    app = write_app(tmp_path, APP_POOL)
+    server = serve("--app", app, "--slots", "1", "--jobs-per-child", "10", *FAST)
+    (warm,) = in_order(db_path, ("whoami", {}))
+    wait_for(lambda: state_of(db_path, warm) == "done")
+    idle = psutil.Process(result_pid(db_path, warm))
+    idle.send_signal(signal.SIGKILL)                     # the OOM killer, or an operator
+    wait_for(lambda: is_gone(idle), timeout=5)
+    ids = in_order(db_path, *[("whoami", {"n": i}) for i in range(5)])
+    wait_for(lambda: all(state_of(db_path, i) == "done" for i in ids), timeout=15)
+    assert all(get(db_path, i).attempts == 1 for i in ids)
+    assert server.alive()
+    assert server.terminate() == 0
+    assert_no_children_left(server)
+
+
+def test_idle_children_are_let_go_when_memory_is_tight(queue):
+    """Injected pressure, real children: once the warm job is done, pressure goes to the
+    skip level while a long job keeps the supervisor busy: the idle child is let go at once
+    (it holds memory and has nothing to do), the running job is not touched."""
+    from test_memory import ScriptedProbe
+
+    @queue.task(priority="critical")
+    def warm(ctx):
+        return os.getpid()
+
+    tasks = litequeue.builtin_tasks(queue, demos=True)
+    tasks["warm"] = queue.registry["warm"]
+    warm_id = queue.enqueue("warm")
+    long_id = queue.enqueue("sleep", {"seconds": 2.0}, priority="critical")
+    reader = litequeue.Queue(queue.path)
+    seen = {}
+    deadline = time.monotonic() + 20
+
+    def pressure():
+        if time.monotonic() > deadline:
+            sup.stop(now_=True)
+        if reader.get(warm_id).state != "done":
+            return 10.0
+        pid = seen.setdefault("pid", reader.get(warm_id).result)
+        if "gone_while" not in seen and is_gone_pid(pid):
+            seen["gone_while"] = reader.get(long_id).state
+        return 75.0
+
+    sup = litequeue.Supervisor(queue, slots=2, probe=ScriptedProbe(pressure), poll=0.05,
+                               hold=0.2, burst=True, tasks=tasks, jobs_per_child=10)
+    try:
+        assert sup.run() == 0
+    finally:
+        reader.close()
+    assert time.monotonic() < deadline, "the supervisor had to be stopped"
+    assert seen.get("gone_while") == "running"
+    assert queue.get(long_id).state == "done"
+
+
+def is_gone_pid(pid):
+    try:
+        return is_gone(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "1e9"])
+def test_bad_jobs_per_child_is_bad_input(db_path, value):
+    out = run_cli("serve", "--jobs-per-child", value, "--burst", db=db_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "jobs-per-child" in out.stderr or "jobs_per_child" in out.stderr
