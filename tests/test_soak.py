@@ -163,7 +163,9 @@ class Soak:
         """Start a supervisor and 4 producers; SIGKILL the supervisor at a random moment,
         and first a job child or a producer if `extra` says so."""
         note = [f"round {round_no}:"]
-        sup = start_serve("--app", self.app, *SERVE_ARGS, db=self.db, env=self.env)
+        # Odd rounds reuse children (--jobs-per-child): a kill then also lands on idle ones.
+        pooled = ("--jobs-per-child", "4") if round_no % 2 else ()
+        sup = start_serve("--app", self.app, *SERVE_ARGS, *pooled, db=self.db, env=self.env)
         t0 = time.monotonic()
         producers = self.start_producers(round_no)
         killed_producer, sup_err = None, None
