@@ -4,10 +4,13 @@ not 'database is locked'), and the file passes PRAGMA integrity_check."""
 
 import collections
 import multiprocessing
+import subprocess
+import sys
 import time
 import traceback
 
 import apsw
+import pytest
 
 import litequeue
 from conftest import integrity_ok
@@ -172,3 +175,32 @@ def test_processes_creating_the_same_new_file_at_once_share_it(tmp_path):
         assert sorted(job.id for job in queue.jobs(limit=None)) == ids
         assert {job.payload["opener"] for job in queue.jobs(limit=None)} == set(range(count))
     assert integrity_ok(path)
+
+
+def test_a_write_waits_out_a_held_lock_then_gives_up_at_the_busy_timeout(tmp_path):
+    """The busy handler: a write behind another process's lock proceeds once it is released,
+    and past the busy timeout fails as DatabaseUnusable (exit 4 from the CLI), not before."""
+    path = str(tmp_path / "locked.db")
+    litequeue.Queue(path).close()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import apsw, sys, time\n"
+        f"c = apsw.Connection({path!r}); c.execute('BEGIN IMMEDIATE')\n"
+        "print('locked', flush=True); time.sleep(float(sys.stdin.readline()))\n"
+        "c.execute('COMMIT')")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        queue = litequeue.Queue(path, busy_timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(litequeue.DatabaseUnusable, match="locked|busy"):
+            queue.enqueue("echo")
+        waited = time.monotonic() - started
+        assert 0.5 <= waited < 3.0, waited
+        holder.stdin.write("0.3\n")                     # now let go after 0.3 s
+        holder.stdin.flush()
+        waiting = litequeue.Queue(path, busy_timeout=10)
+        job_id = waiting.enqueue("echo")                # waits for the lock, then gets it
+        assert waiting.get(job_id).state == "queued"
+        assert holder.wait(10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
