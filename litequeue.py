@@ -91,6 +91,7 @@ LEVELS = ("normal", "skip", "preempt", "emergency")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
 EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
+EXIT_CHILD_DB_WAIT = 76          # a child whose task met a busy or full database
 
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
@@ -166,9 +167,10 @@ class DatabaseUnusable(Error):
     """The file is not a usable litequeue database (foreign, corrupt, newer, locked, full)."""
     exit_code = EXIT_DB_UNUSABLE
 
-    def __init__(self, message, orig=None):
+    def __init__(self, message, orig=None, waitable=False):
         super().__init__(message)
         self.orig = orig
+        self.waitable = waitable    # busy, locked or full: it may pass; worth waiting out
 
 
 class StopRequested(BaseException):
@@ -217,9 +219,21 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not allowed")
 
 
-def _stored_json(text):
-    """JSON read back from our own file (written by dumps_json), or None."""
-    return None if text is None else json.loads(text)
+class UnreadableValue(ValueError):
+    """A JSON column of a job row that does not parse (the file was written by other means)."""
+
+
+def _stored_json(text, what):
+    """JSON read back from the file, or None. Written by dumps_json, it parses; a row written
+    by other means may not: UnreadableValue, so that one row cannot crash a reader."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as exc:
+        shown = text if isinstance(text, str) else repr(text)
+        raise UnreadableValue(f"the {what} stored in the file is not valid JSON "
+                              f"({type(exc).__name__}): {_first_line(shown)[:80]!r}") from None
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -349,10 +363,25 @@ def _translate(exc, path):
         (apsw.IOError, "had an I/O error"),
         (apsw.PermissionsError, "cannot be accessed: permission denied"),
     ]
+    if isinstance(exc, (apsw.IOError, apsw.CantOpenError)) and _disk_full(path):
+        # Making the -shm index on a full disk fails as an I/O error, not SQLITE_FULL.
+        return DatabaseUnusable(f"database {path} cannot grow: the disk is full", orig=exc,
+                                waitable=True)
     for kind, text in reasons:
         if isinstance(exc, kind):
-            return DatabaseUnusable(f"database {path} {text}", orig=exc)
+            return DatabaseUnusable(f"database {path} {text}", orig=exc, waitable=isinstance(
+                exc, (apsw.BusyError, apsw.LockedError, apsw.FullError)))
     return DatabaseUnusable(f"database {path} is unusable: {exc}", orig=exc)
+
+
+def _disk_full(path):
+    """Is the filesystem holding path (nearly) out of space for this process?"""
+    try:
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    free_blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail     # root may use reserve
+    return free_blocks * fs.f_frsize < 128 * 1024
 
 
 def _schema_sql():
@@ -449,10 +478,14 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
     except apsw.Error as exc:
         raise _translate(exc, path) from None
     try:
+        # Until the file is known to be ours, closing must not checkpoint a WAL someone left
+        # into it: another program's commits stay where that program left them.
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, int(os.path.exists(path + "-wal")))
         conn.set_busy_handler(_BusyWait(busy_timeout_s))
         _check_identity(conn, path)
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 0)
     except BaseException as exc:
         conn.close()                  # refused or failed: leave nothing open on the file
         if isinstance(exc, apsw.Error):
@@ -551,12 +584,19 @@ class Job:
                  "cancel_requested", "preemptions", "recoveries", "result", "error",
                  "checkpoint", "checkpoint_at", "progress_done", "progress_total")
 
-    def __init__(self, row):
+    def __init__(self, row, strict=False):
+        """strict: a JSON column that does not parse raises UnreadableValue (a job about to
+        run); otherwise it is kept as the text stored, so it can still be shown and fixed."""
         for name in self.__slots__:
             setattr(self, name, row.get(name))
-        self.payload = _stored_json(row.get("payload"))
-        self.result = _stored_json(row.get("result"))
-        self.checkpoint = _stored_json(row.get("checkpoint"))
+        for name in ("payload", "result", "checkpoint"):
+            try:
+                setattr(self, name, _stored_json(row.get(name), name))
+            except UnreadableValue:
+                if strict:
+                    raise
+                raw = row.get(name)
+                setattr(self, name, raw if isinstance(raw, str) else repr(raw))
         self.priority = PRIORITY_NAMES[row["priority"]]
         self.shed = bool(row.get("shed"))
         self.cancel_requested = bool(row.get("cancel_requested"))
@@ -1085,15 +1125,21 @@ class Queue:
                     row = self._next_due(priority, at, served, blocked)
                     if row is None:
                         break
-                    if row["task"] in trial_tasks:
-                        begin_trial(self, row["task"], row["id"], at)
-                        blocked.add(row["task"])           # exactly one trial job
-                    claimed += _rows(self.conn.execute(
+                    (running,) = _rows(self.conn.execute(
                         "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
                         " attempts = attempts + 1, pid = NULL WHERE id = ? RETURNING *",
                         (owner, at, row["id"])))
                     self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
-        return [Job(row) for row in claimed]
+                    try:
+                        job = Job(running, strict=True)
+                    except UnreadableValue as exc:        # it can never run: dead, not a crash
+                        self._finish(row["id"], row["task"], RUNNING, DEAD, at, str(exc))
+                        continue
+                    if row["task"] in trial_tasks:
+                        begin_trial(self, row["task"], row["id"], at)
+                        blocked.add(row["task"])           # exactly one trial job
+                    claimed.append(job)
+        return claimed
 
     CLAIM_WINDOW = 64
 
@@ -1953,23 +1999,46 @@ def _run_job(queue, job, fn, owner, memory_limit_bytes, channel, signals):
         result = _call_task(fn, ctx, job.payload)
     except LeaseLost:
         return False                                 # someone else owns the job now
+    except DatabaseUnusable as exc:
+        if not exc.waitable:
+            raise
+        # ctx.save() met a busy or full file: not the task's fault. The supervisor requeues
+        # the job uncharged once it can write again.
+        sys.exit(EXIT_CHILD_DB_WAIT)
     except MemoryError:
         _record_failure(queue, job, owner, f"memory limit exceeded: MemoryError under the "
-                        f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}")
+                        f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}",
+                        signals)
         return False
     except Exception:
-        _record_failure(queue, job, owner, traceback.format_exc())
+        _record_failure(queue, job, owner, traceback.format_exc(), signals)
         return False
     finally:
         signals.ctx = None
     try:
-        queue.complete(job.id, owner, job.attempts, result)
+        _written(signals, queue.complete, job.id, owner, job.attempts, result)
     except BadPayload as exc:
-        _record_failure(queue, job, owner, f"task returned a result that is not JSON: {exc}")
+        _record_failure(queue, job, owner, f"task returned a result that is not JSON: {exc}",
+                        signals)
         return False
     except LeaseLost:
         return False
     return True
+
+
+def _written(signals, write, *args):
+    """write(*args), waiting out a busy or full database as the supervisor does: the job's
+    work is done and its outcome is worth keeping. A stop request ends the wait; the job is
+    then requeued uncharged and runs again."""
+    while True:
+        try:
+            return write(*args)
+        except DatabaseUnusable as exc:
+            if not exc.waitable:
+                raise
+            if signals.asked:
+                sys.exit(EXIT_CHILD_DB_WAIT)
+            time.sleep(0.5)
 
 
 def _next_job(queue, jobs_r, owner, signals):
@@ -1992,9 +2061,9 @@ def _next_job(queue, jobs_r, owner, signals):
     return job, limit_bytes
 
 
-def _record_failure(queue, job, owner, error):
+def _record_failure(queue, job, owner, error, signals):
     with contextlib.suppress(LeaseLost):
-        queue.fail(job.id, owner, job.attempts, error.rstrip())
+        _written(signals, queue.fail, job.id, owner, job.attempts, error.rstrip())
 
 
 # ======================================================================================
@@ -2119,7 +2188,7 @@ class _Run:
 
     __slots__ = ("job", "child", "started_at", "started_tick", "memory_limit_bytes",
                  "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "started",
-                 "killed")
+                 "finished", "killed")
 
     def __init__(self, job, child, started_at, started_tick, memory_limit_bytes,
                  baseline_bytes):
@@ -2130,8 +2199,9 @@ class _Run:
         # counted by the rlimit's base, not against the job.
         self.baseline_bytes = baseline_bytes
         self.started = False        # the child said its task started (b"1")
+        self.finished = False       # ... and that the job is recorded done (b"2")
         self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory,
-                                    # start (hung before the task began)
+                                    # start (hung before the task began), database
         self.killed = False         # SIGKILL sent
         self.kill_at = None         # SIGKILL at this tick (monotonic) if still alive
         self.rss_bytes = 0
@@ -2179,7 +2249,7 @@ class Supervisor:
         self._stopping = self._stop_now = self._finished = False
         self._next_poll_at = self._next_heartbeat_at = self._next_purge_at = 0.0
         self._data_version = None
-        self._watch_busy_until = 0.0
+        self._watch_busy_until = self._quiet_until = 0.0
         self._mp = self._spec = None
 
     # -- the loop -----------------------------------------------------------------------
@@ -2228,17 +2298,25 @@ class Supervisor:
         try:
             return self.step()
         except DatabaseUnusable as exc:
-            if not isinstance(exc.orig, (apsw.BusyError, apsw.LockedError, apsw.FullError)):
+            if not exc.waitable:
                 raise
             log.warning("%s; trying again", exc)
-            return time.monotonic() + self.poll_s
+            # Our own failed writes touch the directory, so the watch would wake us at once:
+            # sleep the poll out, woken only by a signal.
+            self._quiet_until = time.monotonic() + self.poll_s
+            return self._quiet_until
 
     def _sleep(self, wake_at, wait, watch, wakeup_r):
         """Sleep until wake_at, a child ends, a signal arrives, or another process writes
         the database. Where inotify is missing, look at the file every notice_s instead."""
         ready = [wakeup_r]
+        if time.monotonic() < self._quiet_until:
+            if wait([wakeup_r], max(0.0, wake_at - time.monotonic())):
+                self._drain_wakeup(wakeup_r)
+            return
         for run in self._runs.values():
-            ready += [run.process.sentinel, run.child.channel]
+            if not (run.child.reaped or run.finished):   # else waiting to be settled: a poll
+                ready += [run.process.sentinel, run.child.channel]
         left = max(0.0, wake_at - time.monotonic())
         if watch is None:
             woken = wait(ready, min(left, self.notice_s))
@@ -2252,8 +2330,12 @@ class Supervisor:
                 watch.drain()
                 self._watch_busy_until = time.monotonic() + 0.03
         if wakeup_r in woken:
-            with contextlib.suppress(BlockingIOError):
-                os.read(wakeup_r, 512)
+            self._drain_wakeup(wakeup_r)
+
+    @staticmethod
+    def _drain_wakeup(wakeup_r):
+        with contextlib.suppress(BlockingIOError):
+            os.read(wakeup_r, 512)
 
     def _on_signal(self, signum, frame):
         # Only flags: the loop does the work, outside the signal handler.
@@ -2620,12 +2702,14 @@ class Supervisor:
         done and the child waits for another. Returns how many jobs ended that way."""
         finished = 0
         for run in list(self._runs.values()):
-            try:
-                said = os.read(run.child.channel, 16)
-            except BlockingIOError:
-                continue
-            run.started = run.started or b"1" in said
-            if b"2" in said:
+            if not run.finished:
+                try:
+                    said = os.read(run.child.channel, 16)
+                except BlockingIOError:
+                    continue
+                run.started = run.started or b"1" in said
+                run.finished = b"2" in said     # kept: a settle that fails is tried again
+            if run.finished:
                 self._settle(run, at)
                 del self._runs[run.job.id]
                 self._keep_or_retire(run)
@@ -2657,18 +2741,23 @@ class Supervisor:
             # Stopped by a signal from outside (systemd's SIGTERM to the whole group reached
             # the child before our own stop request): a shutdown, not a failure of the job.
             run.stop_reason, run.detail = "shutdown", "stopped by SIGTERM from outside"
+        elif code == EXIT_CHILD_DB_WAIT and run.stop_reason in (None, "shutdown"):
+            # The task's save, or its outcome, met a busy or full file: not the job's fault.
+            run.stop_reason = "database"
+            run.detail = "the database was busy or full while the job ran; it runs again"
         reason = run.stop_reason
         with contextlib.suppress(LeaseLost):
             if reason == "cancel":
                 self.queue.finish_cancelled(*lease)
                 state = CANCELLED
-            elif reason in ("preempt", "emergency", "shutdown"):
+            elif reason in ("preempt", "emergency", "shutdown", "database"):
                 saved = latest.checkpoint_at is not None and latest.checkpoint_at >= run.started_at
-                charge = reason != "shutdown" and not saved
+                charge = reason in STOPPING_FOR_MEMORY and not saved
                 why = run.detail if not charge else (
                     f"memory pressure: {run.detail}, stopped before saving a checkpoint")
                 state = self.queue.requeue(*lease, why, charge=charge,
-                                           preempted=reason != "shutdown", pressure=self.pressure)
+                                           preempted=reason in STOPPING_FOR_MEMORY,
+                                           pressure=self.pressure)
             else:
                 state = self.queue.fail(*lease, self._death_reason(run, code))
             log.info("job %d %s %s: %s", job.id, job.task, state,
