@@ -7,7 +7,8 @@ functions). Run it from anywhere:
 
     python tests/bench.py                   # everything (a few minutes on 2 cores)
     python tests/bench.py --quick           # smaller runs: a smoke test, under a minute
-    python tests/bench.py --only enqueue    # one section: enqueue, supervisor, memory, retention
+    python tests/bench.py --only enqueue    # one section: enqueue, supervisor, memory, retention,
+                                            # peers
     python tests/bench.py --dir /mnt/sd     # put the database files on the device under test
 
 Sections:
@@ -20,6 +21,11 @@ Sections:
   memory      reaction time from pressure crossing the preempt threshold to the victim being
               signalled and gone, in a real run under --memory-budget; CPU cost of polling.
   retention   100,000 jobs through the queue with a short keep: file sizes stay bounded.
+  peers       beside PyPI's litequeue (another project), persist-queue's SQLiteAckQueue, huey's
+              SqliteHuey and rq (with redis-server, when one is installed), installed in a
+              virtualenv of their own under ~/.cache/litequeue-bench (never in this
+              environment; --fresh-peers rebuilds it): enqueue and dequeue+ack rates at the
+              same synchronous setting, no-op jobs end to end through 2 workers, idle RSS.
 
 Nothing here changes litequeue: every figure goes through its public API or its CLI.
 """
@@ -67,6 +73,8 @@ FULL_RUN = dict(
     sup_jobs=2000, latency_jobs=100, idle_s=30.0, fork_latency_n=100,
     reaction_runs=5, poll_calls=2000, idle_poll_s=10.0,
     soak_jobs=100_000, soak_purge_every=5000, soak_print_every=10_000,
+    peer_rounds=6, peer_count=500, peer_e2e_fork=2000, peer_e2e_pool=3000, peer_per_child=1000,
+    peer_idle_jobs=20, peer_settle_s=3.0, peer_window_s=2.0,
 )
 QUICK_RUN = dict(
     single_full=30, single_normal=150, single_rounds=7,
@@ -76,8 +84,10 @@ QUICK_RUN = dict(
     sup_jobs=150, latency_jobs=15, idle_s=4.0, fork_latency_n=20,
     reaction_runs=1, poll_calls=300, idle_poll_s=3.0,
     soak_jobs=10_000, soak_purge_every=1000, soak_print_every=2000,
+    peer_rounds=3, peer_count=100, peer_e2e_fork=150, peer_e2e_pool=300, peer_per_child=1000,
+    peer_idle_jobs=6, peer_settle_s=1.0, peer_window_s=0.5,
 )
-SECTIONS = ("enqueue", "supervisor", "memory", "retention")
+SECTIONS = ("enqueue", "supervisor", "memory", "retention", "peers")
 
 
 # ======================================================================================
@@ -91,6 +101,7 @@ class Table:
 
     def __init__(self, title, notes=()):
         self.title, self.notes, self.rows = title, list(notes), []
+        self.data = None             # raw figures for --json, where a section keeps them
 
     def row(self, metric, ours, comparison="", ratio="", target="", ok=None):
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
@@ -114,9 +125,12 @@ class Table:
         return "\n".join(lines)
 
     def as_dict(self):
-        return {"title": self.title, "notes": self.notes,
-                "rows": [dict(zip(("metric", "litequeue", "comparison", "ratio", "target",
-                                   "verdict"), r)) for r in self.rows]}
+        out = {"title": self.title, "notes": self.notes,
+               "rows": [dict(zip(("metric", "litequeue", "comparison", "ratio", "target",
+                                  "verdict"), r)) for r in self.rows]}
+        if self.data is not None:
+            out["data"] = self.data
+        return out
 
 
 def pct(x):
@@ -161,6 +175,7 @@ class Bench:
         self.n = QUICK_RUN if args.quick else FULL_RUN
         self.dir = tempfile.mkdtemp(prefix="lqbench-", dir=args.dir)
         self.keep_files = args.keep_files
+        self.fresh_peers = args.fresh_peers
         self.tables = []
 
     def path(self, name):
@@ -1088,11 +1103,696 @@ def section_retention(bench):
 
 
 # ======================================================================================
+# 5. peers: litequeue beside the queues people would otherwise pick
+# ======================================================================================
+
+# The peers are installed in a virtualenv of their own under the user's cache (never as
+# dependencies of this project, never in this environment), reused while it holds these
+# versions; --fresh-peers rebuilds it. Bump a pin here to measure a newer release.
+PEER_PINS = (("litequeue", "0.9"), ("persist-queue", "1.1.0"), ("huey", "3.5.4"),
+             ("rq", "3.0.0"))
+PEER_DISTS = tuple(d for d, _ in PEER_PINS) + ("redis",)        # redis: rq's client
+SYNC_NAMES = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+PEER_VERSIONS = ("import json, sqlite3, sys\n"
+                 "from importlib.metadata import version\n"
+                 "print(json.dumps({'python': sys.version.split()[0], 'sqlite3': "
+                 "sqlite3.sqlite_version, **{d: version(d) for d in %r}}))")
+
+# Runs in the peers' virtualenv: one peer queue, driven over stdin/stdout, one JSON command
+# a line in and one JSON answer a line out, so that rounds can alternate with litequeue's
+# in this process. Each put and each take is the peer's own public call, one at a time.
+PEER_DRIVER = textwrap.dedent('''
+    import json, os, sys, time, traceback
+
+    kind, where, workdir = sys.argv[1:4]
+    sys.path.insert(0, workdir)
+
+
+    def pragmas(conn):
+        import sqlite3
+        return {"journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+                "synchronous": conn.execute("PRAGMA synchronous").fetchone()[0],
+                "sqlite": sqlite3.sqlite_version}
+
+
+    flush = []
+
+
+    def open_peer():
+        if kind == "litequeue":        # the PyPI package of that name: another project
+            import litequeue
+            q = litequeue.LiteQueue(where)
+
+            def put(i):
+                q.put(json.dumps({"i": i}))
+
+            def take():
+                message = q.pop()
+                q.done(message.message_id)
+            return put, take, lambda: {"qsize": q.qsize()}, pragmas(q.conn)
+        if kind == "persist-queue":
+            from persistqueue import SQLiteAckQueue
+            q = SQLiteAckQueue(where)
+
+            def put(i):
+                q.put({"i": i})
+
+            def take():
+                q.ack(q.get(block=False, raw=True))
+            return put, take, lambda: {"ready": q.ready_count()}, pragmas(q._putter)
+        if kind == "huey":
+            os.environ["PEER_HUEY_DB"] = where
+            import huey_tasks
+            huey = huey_tasks.huey
+
+            def put(i):
+                huey_tasks.noop(i)
+
+            def take():
+                if huey.dequeue() is None:
+                    raise RuntimeError("huey: nothing to dequeue")
+            return (put, take, lambda: {"pending": huey.pending_count()},
+                    pragmas(huey.storage.conn))
+        if kind == "rq":
+            import redis, rq
+            import rq_tasks
+            conn = redis.Redis.from_url(where)
+            q = rq.Queue(connection=conn)
+
+            def put(i):
+                q.enqueue(rq_tasks.noop, i)
+
+            def state():
+                return {"queued": len(q), "finished": q.finished_job_registry.count,
+                        "failed": q.failed_job_registry.count}
+            flush.append(conn.flushdb)
+            return put, None, state, {"redis": conn.info("server")["redis_version"]}
+        raise SystemExit("unknown peer " + kind)
+
+
+    def answer(value):
+        sys.stdout.write(json.dumps(value) + "\\n")
+        sys.stdout.flush()
+
+
+    try:
+        put, take, state, info = open_peer()
+        answer(info)
+    except BaseException:
+        answer({"error": traceback.format_exc()})
+        raise SystemExit(1)
+    for line in sys.stdin:
+        try:
+            cmd = json.loads(line)
+            if cmd["op"] in ("state", "flush"):
+                answer(state() if cmd["op"] == "state" else {"flushed": flush[0]()})
+                continue
+            fn = put if cmd["op"] == "put" else take
+            start, n = cmd.get("start", 0), cmd["n"]
+            t0 = time.perf_counter()
+            if fn is put:
+                for i in range(start, start + n):
+                    put(i)
+            else:
+                for _ in range(n):
+                    take()
+            answer({"rate": n / (time.perf_counter() - t0)})
+        except Exception:
+            answer({"error": traceback.format_exc()})
+''')
+
+HUEY_TASKS = textwrap.dedent('''
+    import os
+    from huey import SqliteHuey
+
+    huey = SqliteHuey(filename=os.environ["PEER_HUEY_DB"])   # its defaults: WAL, no pragma
+
+
+    @huey.task()
+    def noop(i):
+        return None
+''')
+
+RQ_TASKS = textwrap.dedent('''
+    def noop(i):
+        return None
+''')
+
+LQ_NOOP_APP = """
+import sys
+sys.path.insert(0, {root!r})
+from litequeue import Queue
+
+queue = Queue({db!r})
+
+
+@queue.task(max_attempts=1)
+def noop(ctx, i=None):
+    return None
+"""
+
+
+def peer_env(**extra):
+    """A peer's environment: nothing of ours on its path (the PyPI `litequeue` it imports is
+    another project of the same name)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+    return {**env, **extra}
+
+
+def peers_venv_dir():
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "litequeue-bench", "peers-venv")
+
+
+def peer_versions(venv):
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        return None
+    with contextlib.suppress(Exception):
+        out = subprocess.run([python, "-c", PEER_VERSIONS % (PEER_DISTS,)], capture_output=True,
+                             text=True, env=peer_env(), timeout=60, cwd=tempfile.gettempdir())
+        if out.returncode == 0:
+            return json.loads(out.stdout)
+    return None
+
+
+def ensure_peers_venv(fresh):
+    """(venv dir, {dist: version}, built now?): reused while it holds the pinned versions."""
+    venv = peers_venv_dir()
+    versions = None if fresh else peer_versions(venv)
+    if versions and all(versions.get(d) == pin for d, pin in PEER_PINS):
+        say(f"peers' virtualenv reused: {venv}")
+        return venv, versions, False
+    pins = [f"{d}=={pin}" for d, pin in PEER_PINS]
+    say(f"building the peers' virtualenv {venv}: pip install {' '.join(pins)}")
+    shutil.rmtree(venv, ignore_errors=True)
+    os.makedirs(os.path.dirname(venv), exist_ok=True)
+    subprocess.run([PY, "-m", "venv", venv], check=True, capture_output=True, env=peer_env())
+    done = subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
+                           "--disable-pip-version-check", *pins], capture_output=True, text=True,
+                          env=peer_env(), timeout=900)
+    versions = peer_versions(venv)
+    if done.returncode != 0 or not versions:
+        raise RuntimeError(f"could not install the peers in {venv}:\n{done.stderr[-2000:]}")
+    return venv, versions, True
+
+
+class PeerDriver:
+    """A PEER_DRIVER process in the peers' virtualenv, holding one peer queue open."""
+
+    def __init__(self, venv, workdir, kind, where):
+        self.kind = kind
+        self.log_path = os.path.join(workdir, f"driver-{kind}.log")
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [os.path.join(venv, "bin", "python"), os.path.join(workdir, "peer_driver.py"), kind,
+             where, workdir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            text=True, cwd=workdir, env=peer_env())
+        self.info = self._answer()
+
+    def _answer(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"the {self.kind} driver exited {self.proc.returncode}: "
+                               f"{log_tail(self.log_path)}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.kind}: {answer['error']}")
+        return answer
+
+    def call(self, op, **args):
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def put(self, n, start=0):
+        return self.call("put", n=n, start=start)["rate"]
+
+    def take(self, n):
+        return self.call("take", n=n)["rate"]
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def redis_server(workdir):
+    """Our own redis-server on a unix socket, persistence off (no RDB, no AOF)."""
+    sock_dir = workdir if len(workdir) < 80 else tempfile.mkdtemp(prefix="lqredis-")
+    sock = os.path.join(sock_dir, "redis.sock")
+    log = open(os.path.join(workdir, "redis.log"), "w")
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", sock,
+                             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+                             "--dir", workdir], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 15,
+                   what="redis-server's socket")
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited {proc.returncode}: "
+                               f"{log_tail(os.path.join(workdir, 'redis.log'))}")
+        yield proc, f"unix://{sock}"
+    finally:
+        stop_process(proc)
+        log.close()
+        if sock_dir != workdir:
+            shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+class LogCounter:
+    """Counts lines holding `needle` in a growing log file, reading only what is new."""
+
+    def __init__(self, path, needle):
+        self.path, self.needle, self.offset, self.count, self.rest = path, needle, 0, 0, b""
+
+    def __call__(self):
+        with contextlib.suppress(OSError):
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            self.offset += len(data)
+            data = self.rest + data
+            cut = data.rfind(b"\n") + 1
+            self.count += data[:cut].count(self.needle)
+            self.rest = data[cut:]
+        return self.count
+
+
+def tree_memory(root_pids):
+    """(RSS summed over the processes, PSS summed, number of processes) of the trees."""
+    rss = pss = count = 0
+    for root in root_pids:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(root)
+            for proc in [top] + top.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    rss += proc.memory_info().rss
+                    pss += litequeue.process_pss_bytes(proc.pid) or 0
+                    count += 1
+    return rss, pss, count
+
+
+def settled_memory(root_pids, settle_s, window_s):
+    """Largest tree RSS (and PSS) over a window, after settle_s with nothing to do."""
+    time.sleep(settle_s)
+    samples = []
+    deadline = time.monotonic() + window_s
+    while True:
+        samples.append(tree_memory(root_pids))
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    return max(s[0] for s in samples), max(s[1] for s in samples), max(s[2] for s in samples)
+
+
+def first_line_about(path, words=("not supported", "Error", "error")):
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        for word in words:
+            for line in lines:
+                if word in line:
+                    return line
+        return lines[-1] if lines else ""
+    return ""
+
+
+class NotAvailable(Exception):
+    """A litequeue option not built yet (serve exits 2): the row says n/a with the reason."""
+
+
+def lq_serve_args(app, db, durability, jobs_per_child, burst):
+    return (["--app", app, "--db", db, "--slots", "2", "--durability", durability,
+             "--jobs-per-child", str(jobs_per_child)] + (["--burst"] if burst else []))
+
+
+def lq_noop_db(bench, name, n_jobs):
+    """A litequeue file holding n_jobs queued no-op jobs, and the app that registers noop."""
+    db = bench.path(f"{name}.db")
+    app = os.path.join(bench.dir, f"{name}_app.py")
+    with open(app, "w") as f:
+        f.write(LQ_NOOP_APP.format(root=ROOT, db=db))
+    queue = litequeue.Queue(db, durable=False)
+    for start in range(0, n_jobs, 1000):
+        queue.enqueue_many([("noop", {"i": i}) for i in range(start, min(n_jobs, start + 1000))])
+    queue.close()
+    return db, app
+
+
+def lq_done(db):
+    queue = litequeue.Queue(db)
+    try:
+        return queue.stats()["jobs"]
+    finally:
+        queue.close()
+
+
+def lq_e2e(bench, n_jobs, durability, jobs_per_child):
+    """jobs/s from `serve --burst` starting to its exit, n_jobs no-op jobs queued before."""
+    db, app = lq_noop_db(bench, f"e2e-{durability}-{jobs_per_child}", n_jobs)
+    log_path = db + ".log"
+    with open(log_path, "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.run([PY, SCRIPT, "serve", *lq_serve_args(app, db, durability,
+                                                                  jobs_per_child, True)],
+                              stdout=subprocess.DEVNULL, stderr=log, cwd=bench.dir, timeout=1800)
+        wall = time.perf_counter() - t0
+    if proc.returncode == 2 and jobs_per_child != 1:
+        raise NotAvailable(first_line_about(log_path))
+    counts = lq_done(db)
+    if proc.returncode != 0 or counts["done"] != n_jobs:
+        raise RuntimeError(f"serve --burst exited {proc.returncode} with {counts}; log tail:\n"
+                           f"{log_tail(log_path)}")
+    return n_jobs / wall
+
+
+def lq_idle(bench, n_jobs, durability, jobs_per_child, settle_s, window_s):
+    """Tree memory of a `serve` that ran n_jobs no-op jobs and then settled, empty."""
+    db, app = lq_noop_db(bench, f"idle-{jobs_per_child}", n_jobs)
+    log_path = db + ".log"
+    with serving(lq_serve_args(app, db, durability, jobs_per_child, False), log_path) as proc:
+        wait_until(lambda: proc.poll() is not None or lq_done(db)["done"] == n_jobs, 120,
+                   interval=0.05, what="serve to run the idle test's jobs")
+        if proc.poll() is not None:
+            if proc.returncode == 2 and jobs_per_child != 1:
+                raise NotAvailable(first_line_about(log_path))
+            raise RuntimeError(f"serve exited {proc.returncode}: {log_tail(log_path)}")
+        return settled_memory([proc.pid], settle_s, window_s)
+
+
+def huey_consumer(venv, workdir, db, log_path):
+    log = open(log_path, "w")
+    proc = subprocess.Popen([os.path.join(venv, "bin", "huey_consumer"), "huey_tasks.huey",
+                             "-k", "process", "-w", "2"], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=workdir, env=peer_env(PEER_HUEY_DB=db))
+    log.close()
+    return proc
+
+
+def huey_run(venv, workdir, db, n_jobs, idle=None):
+    """huey's consumer (-k process -w 2, its other options at their defaults) over n_jobs
+    queued no-op tasks: jobs/s from its start to its log's n_jobs-th 'executed in' line; with
+    idle=(settle_s, window_s), its settled tree memory instead."""
+    driver = PeerDriver(venv, workdir, "huey", db)
+    driver.put(n_jobs)
+    driver.close()
+    log_path = db + ".log"
+    executed = LogCounter(log_path, b" executed in ")
+    t0 = time.perf_counter()
+    proc = huey_consumer(venv, workdir, db, log_path)
+    try:
+        wait_until(lambda: executed() >= n_jobs or proc.poll() is not None, 1800, interval=0.01,
+                   what="huey's consumer to run the tasks")
+        wall = time.perf_counter() - t0
+        if proc.poll() is not None:
+            raise RuntimeError(f"huey_consumer exited {proc.returncode}: {log_tail(log_path)}")
+        if idle:
+            return settled_memory([proc.pid], *idle)
+    finally:
+        stop_process(proc)
+    driver = PeerDriver(venv, workdir, "huey", db)
+    pending = driver.call("state")["pending"]
+    driver.close()
+    if pending:
+        raise RuntimeError(f"huey: {pending} tasks still pending after {n_jobs} executed")
+    return n_jobs / wall
+
+
+def rq_run(venv, workdir, url, n_jobs, idle=None):
+    """Two `rq worker` processes (the default Worker: a fork per job) over n_jobs queued no-op
+    jobs: with --burst, jobs/s from their start to both exiting; with idle=(settle_s,
+    window_s), without --burst, their settled tree memory."""
+    driver = PeerDriver(venv, workdir, "rq", url)
+    driver.call("flush")                                   # an empty redis database
+    driver.put(n_jobs)
+    logs = [open(os.path.join(workdir, f"rq-worker-{i}.log"), "w") for i in range(2)]
+    command = [os.path.join(venv, "bin", "rq"), "worker", "--url", url, "--path", workdir]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(command + ([] if idle else ["--burst"]), stdout=log,
+                              stderr=subprocess.STDOUT, cwd=workdir, env=peer_env())
+             for log in logs]
+    for log in logs:
+        log.close()
+    try:
+        if idle:
+            wait_until(lambda: (driver.call("state")["finished"] >= n_jobs
+                                or any(p.poll() is not None for p in procs)), 120,
+                       interval=0.05, what="rq's workers to run the idle test's jobs")
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"rq worker exited: {log_tail(logs[0].name)}")
+            return settled_memory([p.pid for p in procs], *idle)
+        for proc in procs:
+            proc.wait(1800)
+        wall = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        state = driver.call("state")
+        driver.close()
+    if state["finished"] != n_jobs or state["queued"] or state["failed"]:
+        raise RuntimeError(f"rq: {state} after {n_jobs} jobs; {log_tail(logs[0].name)}")
+    return n_jobs / wall
+
+
+def x(ratio):
+    return f"{ratio:.2f}x"
+
+
+def figure(ours, theirs, ratio, **more):
+    """One comparison for --json: litequeue's figure, the peer's, litequeue/peer."""
+    def side(v):
+        return dict(zip(("rss", "pss", "processes"), v)) if isinstance(v, tuple) else v
+    return {"litequeue": side(ours), "peer": side(theirs), "ratio": ratio, **more}
+
+
+def section_peers(bench):
+    t = Table("5. peers: litequeue beside the queues people would otherwise pick")
+    data = t.data = {"durability": {}, "figures": {}}
+    venv, versions, built = ensure_peers_venv(bench.fresh_peers)
+    redis_bin = shutil.which("redis-server")
+    redis_version = None
+    if redis_bin:
+        with contextlib.suppress(Exception):
+            out = subprocess.run([redis_bin, "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout
+            redis_version = out.split("v=")[1].split()[0]
+    peers_line = ", ".join(f"{d} {versions.get(d, '?')}" for d in PEER_DISTS)
+    data["versions"] = {**versions, "redis-server": redis_version, "venv": venv}
+    say(f"peers: {peers_line}; redis-server {redis_version or '(none)'}")
+    t.note(f"peers (PyPI, pinned): {peers_line} (rq's client), in {venv} "
+           f"({'built now' if built else 'reused'}; --fresh-peers rebuilds it), python "
+           f"{versions['python']} with its sqlite3 module on SQLite {versions['sqlite3']}; "
+           f"litequeue runs on apsw's SQLite {apsw.sqlite_lib_version()}; "
+           + (f"redis-server {redis_version} ({redis_bin})" if redis_bin
+              else "rq: skipped, no redis-server"))
+    workdir = os.path.join(bench.dir, "peers")
+    os.makedirs(workdir, exist_ok=True)
+    for name, text in (("peer_driver.py", PEER_DRIVER), ("huey_tasks.py", HUEY_TASKS),
+                       ("rq_tasks.py", RQ_TASKS)):
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(text)
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(redis_server(workdir)) if redis_bin else None
+        peers_rates(bench, t, venv, workdir, redis)
+        peers_end_to_end(bench, t, venv, workdir, redis)
+    return t
+
+
+def peers_rates(bench, t, venv, workdir, redis):
+    """Enqueue, then dequeue+ack, one at a time: each SQLite peer on its own file beside a
+    litequeue file at the peer's synchronous setting, read from the peer's own connection."""
+    n, data = bench.n, t.data
+    rounds, count = n["peer_rounds"], n["peer_count"]
+    total = rounds * count
+    peers = [
+        ("litequeue", "PyPI litequeue", "put()", "pop() + done()",
+         os.path.join(workdir, "pypi-litequeue.db")),
+        ("persist-queue", "persist-queue SQLiteAckQueue", "put()", "get() + ack()",
+         os.path.join(workdir, "persist-queue")),
+        ("huey", "huey SqliteHuey", "task()", "dequeue(), no ack",
+         os.path.join(workdir, "huey-rates.db")),
+    ]
+    if redis:
+        peers.append(("rq", "rq", "Queue.enqueue()", None, redis[1]))
+    take_rows = []
+    for kind, label, put_call, take_call, where in peers:
+        say(f"{label}: {total:,} enqueues" + (f", then {total:,} dequeue+ack" if take_call
+                                               else "") + ", rounds alternating with litequeue")
+        driver = PeerDriver(venv, workdir, kind, where)
+        if kind == "rq":
+            driver.call("flush")
+            durable, setting = False, "NORMAL vs redis, no persistence"
+        else:
+            sync = driver.info["synchronous"]
+            durable = sync >= 2
+            ours_label = "FULL" if durable else "NORMAL"
+            theirs_label = SYNC_NAMES.get(sync, str(sync))
+            data["durability"][kind] = {**driver.info, "litequeue": ours_label}
+            setting = (f"both {ours_label}" if theirs_label == ours_label
+                       else f"ours {ours_label}, theirs {theirs_label}")
+        queue = litequeue.Queue(bench.path(f"beside-{kind}.db"), durable=durable)
+        try:
+            lq_single(queue, 50, 0)
+            driver.put(50)
+            ours, theirs, ratio = paired(rounds, lambda r: lq_single(queue, count, r * count),
+                                         lambda r: driver.put(count, r * count))
+            data["figures"][f"enqueue/{kind}"] = figure(ours, theirs, ratio)
+            if kind == "rq":
+                t.row(f"enqueue, one at a time, {setting} (jobs/s)", rate(ours),
+                      f"{label} {put_call} {rate(theirs)}", x(ratio), "(no target)")
+                continue
+            t.row(f"enqueue, one commit each, {setting} (jobs/s)", rate(ours),
+                  f"{label} {put_call} {rate(theirs)}", x(ratio), ">= 1.00x (ahead)",
+                  ratio >= 1.0)
+            lq_claim_complete(queue, 50)
+            driver.take(50)
+            ours, theirs, ratio = paired(rounds, lambda r: lq_claim_complete(queue, count)[0],
+                                         lambda r: driver.take(count))
+            data["figures"][f"take/{kind}"] = figure(ours, theirs, ratio)
+            take_rows.append((f"claim+complete, one process, {setting} (jobs/s)", rate(ours),
+                              f"{label} {take_call} {rate(theirs)}", x(ratio),
+                              ">= 1.00x (ahead)", ratio >= 1.0))
+        finally:
+            queue.close()
+            driver.close()
+    for row in take_rows:
+        t.row(*row)
+    t.note(f"enqueue and dequeue+ack: {total:,} jobs each way ({rounds} rounds of {count}, "
+           f"alternating which side goes first, after 50 to warm up), payload {{'i': i}}; "
+           f"litequeue: Queue.enqueue('echo', payload), then Queue.claim(owner) + "
+           f"Queue.complete(), in this process; each peer: its own calls, one at a time, in a "
+           f"process of its own in the venv; rates are medians, ratio the median of the "
+           f"per-round ratios (litequeue/peer: above 1 is litequeue ahead)")
+    t.note("durability, read from each peer's source and checked on its open connection "
+           "(PRAGMA synchronous / journal_mode): " + "; ".join(
+               f"{kind}: {info['journal_mode']}, synchronous="
+               f"{SYNC_NAMES.get(info['synchronous'], info['synchronous'])} -> litequeue "
+               f"{info['litequeue']}" for kind, info in data["durability"].items())
+           + ". PyPI litequeue sets synchronous=NORMAL itself, and commits each put and done "
+           "alone (autocommit) and each pop in BEGIN IMMEDIATE; persist-queue and huey set no "
+           "synchronous pragma, so they get SQLite's default FULL; each of their puts is its "
+           "own commit (huey's in BEGIN EXCLUSIVE)")
+    t.note("what differs: huey's dequeue deletes the task in one commit and keeps no record "
+           "(at-most-once: a consumer that dies mid-task loses it), where litequeue commits "
+           "the claim and the completion (at-least-once); persist-queue's get is a SELECT then "
+           "a separate UPDATE commit, not one transaction, so two processes can get the same "
+           "item, and it pickles the item")
+
+
+def peers_end_to_end(bench, t, venv, workdir, redis):
+    """No-op jobs through a consumer with 2 workers; then each consumer's idle memory."""
+    n, data = bench.n, t.data
+    jobs_fork, jobs_pool, per_child = n["peer_e2e_fork"], n["peer_e2e_pool"], n["peer_per_child"]
+    settle = (n["peer_settle_s"], n["peer_window_s"])
+    url = redis[1] if redis else None
+
+    say(f"end to end: {jobs_fork:,} no-op jobs, serve --burst --slots 2 --jobs-per-child 1, "
+        f"NORMAL")
+    ours_fork_normal = lq_e2e(bench, jobs_fork, "normal", 1)
+    metric = "end to end, fresh process per job, NORMAL vs redis, no persistence"
+    if url:
+        say(f"end to end: {jobs_fork:,} no-op jobs, 2 x rq worker --burst (fork per job)")
+        rq_rate = rq_run(venv, workdir, url, jobs_fork)
+        ratio = ours_fork_normal / rq_rate
+        data["figures"]["e2e/rq"] = figure(ours_fork_normal, rq_rate, ratio)
+        t.row(f"{metric} (jobs/s)", rate(ours_fork_normal),
+              f"rq 2 x Worker (fork/job) {rate(rq_rate)}", x(ratio), ">= 8.00x", ratio >= 8.0)
+    else:
+        t.row(f"{metric} (jobs/s)", rate(ours_fork_normal),
+              "rq: skipped, no redis-server", "", ">= 8.00x")
+
+    say(f"end to end: {jobs_pool:,} no-op tasks, huey_consumer -k process -w 2")
+    huey_rate = huey_run(venv, workdir, os.path.join(workdir, "huey-e2e.db"), jobs_pool)
+    say(f"end to end: {jobs_pool:,} no-op jobs, serve --burst --slots 2 --jobs-per-child "
+        f"{per_child}, FULL")
+    metric = f"end to end, --jobs-per-child {per_child}, both FULL (jobs/s)"
+    try:
+        ours_pool = lq_e2e(bench, jobs_pool, "full", per_child)
+        ratio = ours_pool / huey_rate
+        data["figures"]["e2e/huey-pooled"] = figure(ours_pool, huey_rate, ratio)
+        t.row(metric, rate(ours_pool), f"huey -k process -w 2 {rate(huey_rate)}", x(ratio),
+              ">= 0.90x (on par)", ratio >= 0.9)
+    except NotAvailable as exc:
+        data["figures"]["e2e/huey-pooled"] = figure(None, huey_rate, None)
+        t.row(metric, f"n/a ({exc})", f"huey -k process -w 2 {rate(huey_rate)}", "",
+              ">= 0.90x (on par)")
+    say(f"end to end: {jobs_fork:,} no-op jobs, serve --burst --slots 2 --jobs-per-child 1, "
+        f"FULL")
+    ours_fork_full = lq_e2e(bench, jobs_fork, "full", 1)
+    ratio = ours_fork_full / huey_rate
+    data["figures"]["e2e/huey-fork"] = figure(ours_fork_full, huey_rate, ratio)
+    t.row("end to end, fresh process per job, both FULL (jobs/s)", rate(ours_fork_full),
+          f"huey -k process -w 2 {rate(huey_rate)}", x(ratio), "(no target)")
+
+    # -- idle consumers -------------------------------------------------------------------
+    idle_jobs = n["peer_idle_jobs"]
+    say(f"idle memory: each consumer runs {idle_jobs} no-op jobs, settles {settle[0]:g}s, "
+        f"then its process tree is sampled for {settle[1]:g}s")
+    ours_idle = lq_idle(bench, idle_jobs, "full", 1, *settle)
+    huey_idle = huey_run(venv, workdir, os.path.join(workdir, "huey-idle.db"), idle_jobs,
+                         idle=settle)
+    ratio = ours_idle[0] / huey_idle[0]
+    data["figures"]["idle/huey"] = figure(ours_idle, huey_idle, ratio)
+    t.row(f"idle consumer RSS, tree sum ({ours_idle[2]} vs {huey_idle[2]} processes)",
+          mb(ours_idle[0]), f"huey -k process -w 2 {mb(huey_idle[0])}", x(ratio),
+          "(lower is better)")
+    pooled = None
+    try:
+        pooled = lq_idle(bench, idle_jobs, "full", per_child, *settle)
+        ratio = pooled[0] / huey_idle[0]
+        data["figures"]["idle/huey-pooled"] = figure(pooled, huey_idle, ratio)
+        t.row(f"   with --jobs-per-child {per_child} ({pooled[2]} vs {huey_idle[2]} processes)",
+              mb(pooled[0]), f"huey {mb(huey_idle[0])}", x(ratio), "(lower is better)")
+    except NotAvailable as exc:
+        t.row(f"   with --jobs-per-child {per_child}", f"n/a ({exc})", f"huey {mb(huey_idle[0])}",
+              "", "(lower is better)")
+    pss = (f"PSS (pages shared after fork counted once): litequeue {mb(ours_idle[1])}"
+           + (f" ({mb(pooled[1])} with --jobs-per-child {per_child})" if pooled else "")
+           + f", huey {mb(huey_idle[1])}")
+    if url:
+        rq_idle = rq_run(venv, workdir, url, idle_jobs, idle=settle)
+        redis_rss = psutil.Process(redis[0].pid).memory_info().rss
+        ratio = ours_idle[0] / rq_idle[0]
+        data["figures"]["idle/rq"] = figure(ours_idle, rq_idle, ratio, redis_rss=redis_rss)
+        t.row(f"idle consumer RSS, tree sum ({ours_idle[2]} vs {rq_idle[2]} processes)",
+              mb(ours_idle[0]), f"rq 2 x Worker {mb(rq_idle[0])} + redis-server {mb(redis_rss)}",
+              x(ratio), "(lower is better)")
+        pss += f", rq's workers {mb(rq_idle[1])}"
+
+    t.note(f"end to end: N no-op jobs queued first (N = {jobs_fork:,} for a fresh process per "
+           f"job, litequeue and rq; {jobs_pool:,} for huey and litequeue pooled), timed from "
+           f"starting the consumer until all are done: litequeue `serve --burst --slots 2 "
+           f"--app <noop>` to its exit; huey `huey_consumer huey_tasks.huey -k process -w 2` "
+           f"(its defaults: periodic tasks and results on; a no-op returns None, so nothing is "
+           f"stored) to its log's N-th 'executed in' line; rq two `rq worker --burst` (the "
+           f"default Worker, a fork per job; results kept) to both exiting; all log at their "
+           f"default level to a file; one run each, compared runs back to back")
+    t.note("durability end to end: huey's consumer opens its file at SQLite's default FULL, so "
+           "litequeue runs FULL beside it; rq's redis-server runs with persistence off (--save "
+           "'' --appendonly no: nothing reaches the disk), so litequeue runs at its lightest, "
+           "NORMAL (survives any process crash; the last commits may roll back on power loss), "
+           "which still keeps more than redis does here")
+    t.note(f"idle: each consumer (2 slots / 2 workers) runs {idle_jobs} no-op jobs, waits "
+           f"{settle[0]:g}s with an empty queue, then the largest RSS summed over its process "
+           f"tree in {settle[1]:g}s of samples; litequeue `serve --slots 2` at FULL; {pss}")
+
+
+# ======================================================================================
 # main
 # ======================================================================================
 
 RUNNERS = {"enqueue": section_enqueue, "supervisor": section_supervisor,
-           "memory": section_memory, "retention": section_retention}
+           "memory": section_memory, "retention": section_retention, "peers": section_peers}
 
 
 def main(argv=None):
@@ -1104,6 +1804,8 @@ def main(argv=None):
     parser.add_argument("--dir", help="where to put the database files (default: $TMPDIR)")
     parser.add_argument("--keep-files", action="store_true", help="do not delete the files")
     parser.add_argument("--json", help="also write the tables to this JSON file")
+    parser.add_argument("--fresh-peers", action="store_true",
+                        help="rebuild the peers' virtualenv (section peers) before using it")
     args = parser.parse_args(argv)
     chosen = SECTIONS
     if args.only:
