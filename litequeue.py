@@ -481,7 +481,7 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
         # Until the file is known to be ours, closing must not checkpoint a WAL someone left
         # into it: another program's commits stay where that program left them.
         conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, int(os.path.exists(path + "-wal")))
-        conn.set_busy_handler(_BusyWait(busy_timeout_s))
+        conn.set_busy_timeout(int(busy_timeout_s * 1000))
         _check_identity(conn, path)
         if conn.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
             conn.execute("PRAGMA journal_mode = WAL")
@@ -494,28 +494,12 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
     return _configure(conn, path, durable, busy_timeout_s)
 
 
-class _BusyWait:
-    """How a connection waits for another's write lock, up to timeout_s. SQLite's own busy
-    timeout sleeps 1, 2, 5, 10, 15, 20, 25... ms between tries, while a busy queue holds the
-    lock for about one fsync at a time: a claim waiting behind a child's commit would sleep
-    several times longer than the lock was held. This tries again every 0.2 ms at first,
-    backing off to 5 ms."""
-
-    def __init__(self, timeout_s):
-        self.timeout_s, self.started = timeout_s, 0.0
-
-    def __call__(self, tries):
-        if tries == 0:
-            self.started = time.monotonic()
-        elif time.monotonic() - self.started >= self.timeout_s:
-            return False                    # SQLITE_BUSY: the caller reports a locked file
-        time.sleep(min(0.005, 0.0002 * 1.5 ** tries))
-        return True
-
-
 def _configure(conn, path, durable, busy_timeout_s):
-    """The busy handler and the per-connection pragmas."""
-    conn.set_busy_handler(_BusyWait(busy_timeout_s))
+    """The busy timeout and the per-connection pragmas."""
+    # SQLite's own busy wait (sleeps of 1, 2, 5, 10... ms) was measured against tries every
+    # 0.1-0.2 ms: no faster with children that commit at once, and slower end to end with
+    # pooled children (a waiter that tries sooner only breaks up the holder's run of commits).
+    conn.set_busy_timeout(int(busy_timeout_s * 1000))
     try:
         # FULL: a commit that returned survives power loss. NORMAL: survives any process
         # crash, and the last commits may roll back on power loss; no fsync per commit.
@@ -1102,43 +1086,73 @@ class Queue:
         except apsw.Error as exc:
             raise _translate(exc, self.path) from None
         finally:
-            self.conn.set_busy_handler(_BusyWait(self.busy_timeout_s))
+            self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
 
     # -- the worker side: claim, complete, fail, release, checkpoints --------------------
 
     def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
         """Atomically take up to `limit` due jobs (priority, then due time, then id) for
-        `owner`, skipping tasks behind an open breaker. Each claim charges one attempt."""
+        `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
+
+        A claim is committed without its own fsync, even on a durable queue: it records only
+        a lease. Should power fail before a later commit syncs the log, the job is found
+        queued again, which is what recovery makes of a running job whose supervisor died."""
         at = now() if at is None else at
+        with self._unsynced(), self._tx():
+            return self._claim_in_tx(owner, tasks, priorities, limit, at)
+
+    def complete_and_claim(self, job_id, owner, attempt, result=None, *, tasks=None,
+                           priorities=(0, 1, 2, 3), pid=None):
+        """complete(), and in the same transaction claim the next job for the same owner:
+        one commit between two jobs, as a pooled child goes on. The claimed row records
+        `pid`, the process that will run it. Returns the Job or None."""
+        text = dumps_json(result, "result")
+        with self._tx():
+            at = now()
+            self._complete_in_tx(job_id, owner, attempt, text, at)
+            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid)
+        return claimed[0] if claimed else None
+
+    @contextlib.contextmanager
+    def _unsynced(self):
+        if not self.durable:
+            yield
+            return
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            self.conn.execute("PRAGMA synchronous = FULL")
+
+    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None):
         served = None if tasks is None else json.dumps(sorted(set(tasks)))
         claimed = []
-        with self._tx():
-            # The best priority with anything queued, read off the claim index: the probes
-            # below skip the (often empty) levels above it.
-            lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
-                                       " WHERE state = 'queued'").fetchall()[0][0]
-            if lowest is None:
-                return []
-            blocked, trial_tasks = breakers_blocking(self.conn, at)
-            for priority in sorted(p for p in priorities if p >= lowest):
-                while len(claimed) < limit:
-                    row = self._next_due(priority, at, served, blocked)
-                    if row is None:
-                        break
-                    (running,) = _rows(self.conn.execute(
-                        "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
-                        " attempts = attempts + 1, pid = NULL WHERE id = ? RETURNING *",
-                        (owner, at, row["id"])))
-                    self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
-                    try:
-                        job = Job(running, strict=True)
-                    except UnreadableValue as exc:        # it can never run: dead, not a crash
-                        self._finish(row["id"], row["task"], RUNNING, DEAD, at, str(exc))
-                        continue
-                    if row["task"] in trial_tasks:
-                        begin_trial(self, row["task"], row["id"], at)
-                        blocked.add(row["task"])           # exactly one trial job
-                    claimed.append(job)
+        # The best priority with anything queued, read off the claim index: the probes
+        # below skip the (often empty) levels above it.
+        lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
+                                   " WHERE state = 'queued'").fetchall()[0][0]
+        if lowest is None:
+            return []
+        blocked, trial_tasks = breakers_blocking(self.conn, at)
+        for priority in sorted(p for p in priorities if p >= lowest):
+            while len(claimed) < limit:
+                row = self._next_due(priority, at, served, blocked)
+                if row is None:
+                    break
+                (running,) = _rows(self.conn.execute(
+                    "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
+                    " attempts = attempts + 1, pid = ? WHERE id = ? RETURNING *",
+                    (owner, at, pid, row["id"])))
+                self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
+                try:
+                    job = Job(running, strict=True)
+                except UnreadableValue as exc:        # it can never run: dead, not a crash
+                    self._finish(row["id"], row["task"], RUNNING, DEAD, at, str(exc))
+                    continue
+                if row["task"] in trial_tasks:
+                    begin_trial(self, row["task"], row["id"], at)
+                    blocked.add(row["task"])           # exactly one trial job
+                claimed.append(job)
         return claimed
 
     CLAIM_WINDOW = 64
@@ -1213,24 +1227,26 @@ class Queue:
         """Mark a leased job done with its JSON result."""
         text = dumps_json(result, "result")
         with self._tx():
-            at = now()
-            # The lease check and the update in one statement.
-            rows = self.conn.execute(
-                "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
-                " pid = NULL, error = NULL WHERE id = ? AND state = 'running' AND owner = ?"
-                " AND attempts = ? RETURNING task,"
-                " (SELECT state FROM breakers WHERE breakers.task = jobs.task)",
-                (text, at, job_id, owner, attempt)).fetchall()
-            if not rows:
-                raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
-            task, breaker_state = rows[0]
-            self._event(at, job_id, task, "job", RUNNING, DONE, None)
-            if breaker_state not in (None, "closed"):        # only a trial can close one
-                breaker_success(self, task, job_id, at)
-            if task == "heartbeat":
-                self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
-                                  " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                                  (repr(at),))
+            self._complete_in_tx(job_id, owner, attempt, text, now())
+
+    def _complete_in_tx(self, job_id, owner, attempt, text, at):
+        # The lease check and the update in one statement.
+        rows = self.conn.execute(
+            "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
+            " pid = NULL, error = NULL WHERE id = ? AND state = 'running' AND owner = ?"
+            " AND attempts = ? RETURNING task,"
+            " (SELECT state FROM breakers WHERE breakers.task = jobs.task)",
+            (text, at, job_id, owner, attempt)).fetchall()
+        if not rows:
+            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+        task, breaker_state = rows[0]
+        self._event(at, job_id, task, "job", RUNNING, DONE, None)
+        if breaker_state not in (None, "closed"):        # only a trial can close one
+            breaker_success(self, task, job_id, at)
+        if task == "heartbeat":
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
+                              " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                              (repr(at),))
 
     def fail(self, job_id, owner, attempt, error, *, retryable=True, breaker_failure=True):
         """Record a failure of a leased job: retry later with backoff while attempts remain,
@@ -1877,14 +1893,32 @@ MEMORY_RLIMIT = "RLIMIT_DATA"
 
 
 class ChildSpec:
-    """What a child needs to reopen the queue: plain values only."""
+    """What every child of a supervisor needs, set before the first fork: how to reopen the
+    queue, and what a pooled child may claim for itself."""
 
-    __slots__ = ("path", "durable", "busy_timeout_s", "breaker_policy", "parent_pid", "prctl")
+    __slots__ = ("path", "durable", "busy_timeout_s", "breaker_policy", "parent_pid", "prctl",
+                 "owner", "tasks", "jobs_per_child", "memory_limit_bytes", "claimable")
 
-    def __init__(self, queue, parent_pid, prctl):
+    def __init__(self, supervisor, prctl, claimable):
+        queue = supervisor.queue
         self.path, self.durable = queue.path, queue.durable
         self.busy_timeout_s, self.breaker_policy = queue.busy_timeout_s, queue.breaker_policy
-        self.parent_pid, self.prctl = parent_pid, prctl
+        self.parent_pid, self.prctl = os.getpid(), prctl
+        self.owner, self.tasks = supervisor.id, supervisor.tasks
+        self.jobs_per_child = supervisor.jobs_per_child
+        self.memory_limit_bytes = supervisor.memory_limit_bytes     # for jobs without their own
+        # Shared memory the supervisor writes and pooled children read: a bit per priority a
+        # child may claim for itself next (the memory level's START_PRIORITIES); 0 when
+        # stopping. The decision stays the supervisor's; children only read it.
+        self.claimable = claimable
+
+
+def claimable_mask(priorities):
+    return sum(1 << p for p in priorities)
+
+
+def mask_priorities(mask):
+    return tuple(p for p in PRIORITY_NAMES if mask & (1 << p))
 
 
 def _die_with_parent(spec):
@@ -1954,12 +1988,14 @@ class _ChildSignals:
             raise StopRequested()
 
 
-def _child_main(spec, job, tasks, owner, memory_limit_bytes, channel, jobs_r, jobs_per_child):
-    """Entry point of a child. It runs `job`; a pooled child (jobs_r not None) then waits for
-    up to jobs_per_child - 1 more, handed over one at a time on jobs_r. On `channel` it tells
-    the supervisor b"1" when a job's task starts (past every lock copied by the fork), and b"2"
-    when a job is recorded done and the child waits for another. Any other end of a job ends
-    the child, which the supervisor then replaces: a failure, a stop request, or growth."""
+def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
+    """Entry point of a child. It runs `job`. A pooled child (jobs_r not None) then goes on,
+    up to spec.jobs_per_child jobs: it completes a job and claims its next one in one
+    commit, or, with nothing to claim, waits for the supervisor to hand one over on jobs_r.
+    On `channel` it tells the supervisor, a line each: "1" a job's task started (past every
+    lock copied by the fork), "2" the job is done and the child waits, "3 ID" the job is done
+    and the child runs job ID. Any other end of a job ends the child, which the supervisor
+    then replaces: a failure, a stop request, growth, or something the job left running."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
     signals = _ChildSignals()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
@@ -1972,33 +2008,82 @@ def _child_main(spec, job, tasks, owner, memory_limit_bytes, channel, jobs_r, jo
                   breaker=spec.breaker_policy, _checked=True)
     forked_bytes = process_rss_bytes(os.getpid()) or 0
     try:
-        for number in range(1, jobs_per_child + 1):
-            done = _run_job(queue, job, tasks[job.task].fn, owner, memory_limit_bytes, channel,
-                            signals)
-            grown = (process_rss_bytes(os.getpid()) or 0) - forked_bytes
-            if (not done or not pooled or number == jobs_per_child or signals.asked
-                    or grown > CHILD_GROWTH_LIMIT_BYTES):
+        started = channel
+        for number in range(1, spec.jobs_per_child + 1):
+            outcome = _run_job(queue, job, spec, memory_limit_bytes, signals, started)
+            if outcome is None:
                 return
-            os.write(channel, b"2")
-            job, memory_limit_bytes = _next_job(queue, jobs_r, owner, signals)
-            if job is None:
+            reuse = (pooled and number < spec.jobs_per_child and not signals.asked
+                     and _fit_for_another(forked_bytes))
+            following = _record_done(queue, job, spec, outcome, reuse, signals)
+            if not reuse or following is False:
                 return
+            started = None if following is not None else channel   # "3" says it started
+            if following is None:
+                os.write(channel, b"2\n")
+                job, memory_limit_bytes = _next_job(queue, jobs_r, spec.owner, signals)
+                if job is None:
+                    return
+            else:
+                os.write(channel, b"3 " + _watched(following).encode() + b"\n")
+                job = following
+                memory_limit_bytes = job.memory_limit_bytes or spec.memory_limit_bytes
             _limit_memory(memory_limit_bytes, hard=False)
     except StopRequested:
         sys.exit(EXIT_CHILD_STOPPED)
 
 
-def _run_job(queue, job, fn, owner, memory_limit_bytes, channel, signals):
-    """Run one job and record its outcome. True if it ended done (the child may be reused)."""
+def _watched(job):
+    """The fields of a job the supervisor watches while it runs, as JSON (a Job row)."""
+    fields = {name: getattr(job, name) for name in (
+        "id", "task", "state", "attempts", "max_attempts", "timeout_s", "memory_limit_bytes",
+        "preemptions", "started_at", "owner")}
+    return json.dumps({**fields, "priority": job.priority_value})
+
+
+def _fit_for_another(forked_bytes):
+    """May this child run another job? Not if it grew past the threshold since its fork, or
+    the job left a thread or a process running (it would run on into the next job)."""
+    grown = (process_rss_bytes(os.getpid()) or 0) - forked_bytes
+    threading = sys.modules.get("threading")
+    return (grown <= CHILD_GROWTH_LIMIT_BYTES and len(process_tree(os.getpid())) == 1
+            and (threading is None or threading.active_count() == 1))
+
+
+def _record_done(queue, job, spec, outcome, reuse, signals):
+    """Record a job done. With reuse, and a priority the supervisor lets children claim,
+    claim the next job in the same commit. Returns that Job, None, or False if the job
+    could not be recorded done (its failure recorded instead, or the lease lost)."""
+    (result,) = outcome
+    priorities = mask_priorities(spec.claimable.value) if reuse else ()
+    try:
+        if priorities:
+            return _written(signals, queue.complete_and_claim, job.id, spec.owner,
+                            job.attempts, result, tasks=spec.tasks, priorities=priorities,
+                            pid=os.getpid())
+        _written(signals, queue.complete, job.id, spec.owner, job.attempts, result)
+        return None
+    except BadPayload as exc:
+        _record_failure(queue, job, spec.owner, f"task returned a result that is not JSON: "
+                        f"{exc}", signals)
+    except LeaseLost:
+        pass
+    return False
+
+
+def _run_job(queue, job, spec, memory_limit_bytes, signals, started):
+    """Run one job's task, first saying "1" on `started` (unless None). Returns (result,)
+    when it returned; None when it ended otherwise (its failure recorded, or its lease lost)."""
     import traceback
-    ctx = signals.ctx = Context(queue, job, owner)
+    ctx = signals.ctx = Context(queue, job, spec.owner)
     if signals.asked:
         ctx.ask_stop()
-    os.write(channel, b"1")
+    if started is not None:
+        os.write(started, b"1\n")
     try:
-        result = _call_task(fn, ctx, job.payload)
+        return (_call_task(spec.tasks[job.task].fn, ctx, job.payload),)
     except LeaseLost:
-        return False                                 # someone else owns the job now
+        return None                                  # someone else owns the job now
     except DatabaseUnusable as exc:
         if not exc.waitable:
             raise
@@ -2006,33 +2091,23 @@ def _run_job(queue, job, fn, owner, memory_limit_bytes, channel, signals):
         # the job uncharged once it can write again.
         sys.exit(EXIT_CHILD_DB_WAIT)
     except MemoryError:
-        _record_failure(queue, job, owner, f"memory limit exceeded: MemoryError under the "
+        _record_failure(queue, job, spec.owner, f"memory limit exceeded: MemoryError under the "
                         f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}",
                         signals)
-        return False
     except Exception:
-        _record_failure(queue, job, owner, traceback.format_exc(), signals)
-        return False
+        _record_failure(queue, job, spec.owner, traceback.format_exc(), signals)
     finally:
         signals.ctx = None
-    try:
-        _written(signals, queue.complete, job.id, owner, job.attempts, result)
-    except BadPayload as exc:
-        _record_failure(queue, job, owner, f"task returned a result that is not JSON: {exc}",
-                        signals)
-        return False
-    except LeaseLost:
-        return False
-    return True
+    return None
 
 
-def _written(signals, write, *args):
+def _written(signals, write, *args, **kwargs):
     """write(*args), waiting out a busy or full database as the supervisor does: the job's
     work is done and its outcome is worth keeping. A stop request ends the wait; the job is
     then requeued uncharged and runs again."""
     while True:
         try:
-            return write(*args)
+            return write(*args, **kwargs)
         except DatabaseUnusable as exc:
             if not exc.waitable:
                 raise
@@ -2163,14 +2238,18 @@ def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.
 class _Child:
     """A child process as the supervisor tracks it, across the jobs it runs."""
 
-    __slots__ = ("process", "channel", "jobs_w", "reaped", "idle_since")
+    __slots__ = ("process", "channel", "jobs_w", "reaped", "idle_since", "run", "inbox",
+                 "partial")
 
     def __init__(self, process, channel, jobs_w):
         self.process = process
-        self.channel = channel      # read end: b"1" task started, b"2" done, waiting for more
+        self.channel = channel      # read end of what it says (see _child_main), a line each
         self.jobs_w = jobs_w        # write end for handing over the next job; None if unpooled
         self.reaped = False         # waited for: its pid may be reused from then on
         self.idle_since = None      # tick since it waits for a job
+        self.run = None             # the _Run of the job it runs now
+        self.inbox = []             # lines read, not yet acted on
+        self.partial = b""          # the start of a line not yet read whole
 
     @property
     def pid(self):
@@ -2188,7 +2267,7 @@ class _Run:
 
     __slots__ = ("job", "child", "started_at", "started_tick", "memory_limit_bytes",
                  "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "started",
-                 "finished", "killed")
+                 "killed")
 
     def __init__(self, job, child, started_at, started_tick, memory_limit_bytes,
                  baseline_bytes):
@@ -2199,7 +2278,6 @@ class _Run:
         # counted by the rlimit's base, not against the job.
         self.baseline_bytes = baseline_bytes
         self.started = False        # the child said its task started (b"1")
-        self.finished = False       # ... and that the job is recorded done (b"2")
         self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory,
                                     # start (hung before the task began), database
         self.killed = False         # SIGKILL sent
@@ -2263,7 +2341,7 @@ class Supervisor:
         from multiprocessing.connection import wait
         self._mp = multiprocessing.get_context("fork")
         libc = ctypes.CDLL(None, use_errno=True)
-        self._spec = ChildSpec(self.queue, os.getpid(), getattr(libc, "prctl", None))
+        self._spec = ChildSpec(self, getattr(libc, "prctl", None), self._mp.RawValue("i", 0))
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         self._register()
@@ -2315,10 +2393,14 @@ class Supervisor:
                 self._drain_wakeup(wakeup_r)
             return
         for run in self._runs.values():
-            if not (run.child.reaped or run.finished):   # else waiting to be settled: a poll
+            if not (run.child.reaped or run.child.inbox):    # else settled on a later poll
                 ready += [run.process.sentinel, run.child.channel]
         left = max(0.0, wake_at - time.monotonic())
-        if watch is None:
+        if len(self._runs) >= self.slots:
+            # Every slot busy: a new job could not start anyway, so writes need not wake us
+            # (a busy queue would otherwise wake us at every commit); a cancel waits a poll.
+            woken = wait(ready, left)
+        elif watch is None:
             woken = wait(ready, min(left, self.notice_s))
         else:
             # A write wakes us before its commit is visible (SQLite updates the WAL index
@@ -2361,6 +2443,7 @@ class Supervisor:
             tick = time.monotonic() if at is None else at
         at = now() if at is None else at
         reaped = self._reap(at)
+        self._publish_claimable()
         if self._idle:
             self._retire_idle(idle_since=time.monotonic() - CHILD_IDLE_S)
         if tick >= self._next_heartbeat_at:
@@ -2373,7 +2456,7 @@ class Supervisor:
             self._poll_memory(at, tick)
             self._next_poll_at = tick + self.poll_s
         changed = self._data_changed()
-        if changed:
+        if changed and (polled or len(self._runs) < self.slots):
             self._apply_cancels(at, tick)
         if self._stopping:
             self._shut_down(at, tick)
@@ -2383,6 +2466,13 @@ class Supervisor:
             self._retain(at)
             self._next_purge_at = tick + min(60.0, max(1.0, self.keep_s / 4))
         return min(self._next_poll_at, self._next_heartbeat_at)
+
+    def _publish_claimable(self):
+        """Tell pooled children which priorities they may claim for themselves: those the
+        memory level lets start, none once stopping."""
+        if self._spec is not None:
+            self._spec.claimable.value = (0 if self._stopping else
+                                          claimable_mask(START_PRIORITIES[self.tracker.level]))
 
     # -- database bookkeeping -----------------------------------------------------------
 
@@ -2538,8 +2628,9 @@ class Supervisor:
 
     def _kill(self, run, reason, at, detail):
         """SIGKILL now, recorded with the pressure. A kill at the end of a grace keeps the
-        reason it was asked to stop for (the job's error says timeout, not 'killed')."""
-        if run.kill_at is None:
+        reason it was asked to stop for (the job's error says timeout, not 'killed'); an
+        emergency that overtakes a preemption says it was the emergency."""
+        if run.kill_at is None or (reason == "emergency" and run.stop_reason == "preempt"):
             run.stop_reason, run.detail = reason, detail
         run.kill_at, run.killed = None, True
         self._signal(run, signal.SIGKILL)
@@ -2629,11 +2720,14 @@ class Supervisor:
         limit = job.memory_limit_bytes or self.memory_limit_bytes
         child = self._hand_to_idle(job, limit)
         if child is not None:
-            baseline = job_rss_bytes(child.pid)
+            baseline = process_rss_bytes(child.pid) or 0
         else:
             child = self._fork(job, limit)
             baseline = process_rss_bytes(os.getpid()) or 0
-        self._runs[job.id] = _Run(job, child, at, tick, limit, baseline)
+        self._track(job, child, at, tick, limit, baseline)
+
+    def _track(self, job, child, at, tick, limit, baseline):
+        child.run = self._runs[job.id] = _Run(job, child, at, tick, limit, baseline)
         log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
                  job.max_attempts, child.pid)
 
@@ -2652,8 +2746,7 @@ class Supervisor:
         channel_r, channel_w = os.pipe()
         jobs_r, jobs_w = os.pipe() if self.jobs_per_child > 1 else (None, None)
         process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
-                                   args=(self._spec, job, self.tasks, self.id, limit, channel_w,
-                                         jobs_r, self.jobs_per_child))
+                                   args=(self._spec, job, limit, channel_w, jobs_r))
         try:
             process.start()
         except BaseException:
@@ -2679,13 +2772,18 @@ class Supervisor:
             self._wait_for(run.child)
             self._settle(run, at)              # first: if this fails, the run is kept
             del self._runs[run.job.id]
-            run.child.close()
+            self._forget(run.child, at)
         for spare in (self._idle, self._retiring):
             for child in [c for c in spare if _has_exited(c.pid)]:
                 self._wait_for(child)
                 spare.remove(child)
-                child.close()
+                self._forget(child, at)
         return freed + len(ended)
+
+    def _forget(self, child, at):
+        if child.jobs_w is not None:           # pooled: it may have claimed a job for itself
+            self._requeue_lost_claims(child, at)
+        child.close()
 
     @staticmethod
     def _wait_for(child):
@@ -2698,33 +2796,61 @@ class Supervisor:
             child.reaped = True
 
     def _read_channels(self, at):
-        """Read what running children said: b"1" the task started, b"2" the job is recorded
-        done and the child waits for another. Returns how many jobs ended that way."""
+        """Act on what running children said, in order (see _child_main). Returns how many
+        jobs they finished. A line whose handling fails (a busy file) stays first in line
+        for the next round."""
         finished = 0
-        for run in list(self._runs.values()):
-            if not run.finished:
-                try:
-                    said = os.read(run.child.channel, 16)
-                except BlockingIOError:
-                    continue
-                run.started = run.started or b"1" in said
-                run.finished = b"2" in said     # kept: a settle that fails is tried again
-            if run.finished:
-                self._settle(run, at)
-                del self._runs[run.job.id]
-                self._keep_or_retire(run)
-                finished += 1
+        for child in [run.child for run in self._runs.values()]:
+            with contextlib.suppress(BlockingIOError):
+                child.partial += os.read(child.channel, 4096)
+            *lines, child.partial = child.partial.split(b"\n")
+            child.inbox += lines
+            while child.inbox and child.run is not None:
+                line = child.inbox[0]
+                if line == b"1":
+                    child.run.started = True
+                else:
+                    self._job_done(child, line, at)
+                    finished += 1
+                child.inbox.pop(0)
         return finished
 
-    def _keep_or_retire(self, run):
-        """A pooled child finished a job: keep it for the next, unless it was asked to stop
-        or memory is tight."""
-        if (run.stop_reason is None and not run.killed and not self._stopping
-                and self.tracker.level == "normal"):
-            run.child.idle_since = time.monotonic()
-            self._idle.append(run.child)
-        else:
-            self._retire(run.child)
+    def _job_done(self, child, line, at):
+        """The child recorded its job done: "2" it waits for another, "3 JOB" it went on to
+        the job it claimed (the JSON of the job's fields the supervisor watches)."""
+        run = child.run
+        log.info("job %d %s done in %.3fs", run.job.id, run.job.task, at - run.job.started_at)
+        del self._runs[run.job.id]
+        child.run = None
+        if line == b"2":
+            if (run.stop_reason is None and not run.killed and not self._stopping
+                    and self.tracker.level == "normal"):
+                child.idle_since = time.monotonic()
+                self._idle.append(child)
+            else:
+                self._retire(child)
+            return
+        job = Job(json.loads(line[2:]))
+        limit = job.memory_limit_bytes or self.memory_limit_bytes
+        self._track(job, child, at, time.monotonic(), limit, process_rss_bytes(child.pid) or 0)
+        child.run.started = True                # it said so before claiming
+        if run.stop_reason is not None or run.killed:
+            # We had asked that child to stop (or killed it) for the job before: the one it
+            # went on to stops too, but is not to blame for it.
+            child.run.stop_reason = "shutdown"
+            child.run.detail = f"its child was stopped for job {run.job.id} ({run.detail})"
+            child.run.killed = run.killed
+            if not run.killed:
+                child.run.kill_at = run.kill_at or time.monotonic() + self.grace_s
+
+    def _requeue_lost_claims(self, child, at):
+        """A pooled child that died between claiming its next job and saying so leaves that
+        job running under us with its pid: give it back, uncharged (it never started)."""
+        for row in self.queue._read("SELECT id, attempts FROM jobs WHERE state = 'running'"
+                                    " AND owner = ? AND pid = ?", (self.id, child.pid)):
+            if row["id"] not in self._runs:
+                self.queue.requeue(row["id"], self.id, row["attempts"],
+                                   "its child ended before it could start it", charge=False)
 
     def _settle(self, run, at):
         """A child has ended: if it did not record its own outcome, record why it ended."""

@@ -303,3 +303,64 @@ def test_bad_jobs_per_child_is_bad_input(db_path, value):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert "jobs-per-child" in out.stderr or "jobs_per_child" in out.stderr
+
+
+def test_pooled_children_claim_only_what_the_memory_level_lets_start(queue):
+    """Pooled children claim their next job themselves, but only at the priorities the
+    supervisor publishes for its memory level. Injected pressure at the skip level: the
+    low job waits, though a reused child is free; pressure falls and it runs."""
+    from test_memory import ScriptedProbe
+
+    @queue.task
+    def stamp(ctx):
+        return {"pid": os.getpid(), "at": time.time()}
+
+    tasks = {"stamp": queue.registry["stamp"]}
+    normal = [queue.enqueue("stamp") for _ in range(3)]
+    low = queue.enqueue("stamp", priority="low")
+    reader = litequeue.Queue(queue.path)
+    seen = {}
+    deadline = time.monotonic() + 20
+
+    def pressure():
+        if time.monotonic() > deadline:
+            sup.stop(now_=True)
+        if not all(reader.get(i).state == "done" for i in normal):
+            return 75.0                              # skip: no low job may start
+        seen.setdefault("normal_done_at", time.monotonic())
+        if time.monotonic() - seen["normal_done_at"] < 0.5:
+            seen["low_state_while_skip"] = reader.get(low).state
+            return 75.0
+        seen.setdefault("released_at", time.time())
+        return 10.0
+
+    sup = litequeue.Supervisor(queue, slots=1, probe=ScriptedProbe(pressure), poll=0.05,
+                               hold=0.1, margin=5, burst=True, tasks=tasks, jobs_per_child=10)
+    try:
+        assert sup.run() == 0
+    finally:
+        reader.close()
+    assert time.monotonic() < deadline, "the supervisor had to be stopped"
+    pids = {queue.get(i).result["pid"] for i in normal}
+    assert len(pids) == 1                            # one child ran them, claiming them itself
+    assert seen["low_state_while_skip"] == "queued"
+    job = queue.get(low)
+    assert job.state == "done" and job.result["at"] >= seen["released_at"]
+
+
+def test_a_job_claimed_by_a_child_that_died_before_saying_so_goes_back(queue):
+    """The window between a pooled child's commit (its next job claimed, with its pid) and
+    its message to the supervisor: if it dies there, the supervisor finds the job by owner
+    and pid when it reaps the child, and requeues it uncharged."""
+    sup = litequeue.Supervisor(queue, jobs_per_child=5)
+    first = queue.enqueue("echo")
+    second = queue.enqueue("echo")
+    job = queue.claim(sup.id)[0]
+    queue.complete_and_claim(first, sup.id, job.attempts, None, pid=999_999)
+
+    class DeadChild:
+        pid = 999_999
+    sup._requeue_lost_claims(DeadChild, litequeue.now())
+    lost = queue.get(second)
+    assert (lost.state, lost.attempts, lost.owner) == ("queued", 0, None)
+    assert "before it could start" in [e["reason"] for e in queue.events(job_id=second)][-1]

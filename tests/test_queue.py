@@ -681,6 +681,79 @@ def test_complete_stores_result(queue):
     assert done.owner is None and done.finished_at is not None
 
 
+def test_complete_and_claim_is_one_commit_taking_the_next_job_by_priority(queue):
+    first = queue.enqueue("echo", {"n": 1})
+    low = queue.enqueue("echo", {"n": 2}, priority="low")
+    high = queue.enqueue("echo", {"n": 3}, priority="high")
+    job = queue.claim("w1", priorities=(2,))[0]
+    assert job.id == first
+    commits = queue.conn.total_changes()
+    following = queue.complete_and_claim(first, "w1", job.attempts, {"ok": 1}, tasks=["echo"],
+                                         priorities=(0, 1, 2, 3), pid=4242)
+    assert following.id == high and following.state == "running"
+    assert (following.owner, following.attempts, following.pid) == ("w1", 1, 4242)
+    assert queue.get(first).state == "done" and queue.get(first).result == {"ok": 1}
+    assert queue.conn.total_changes() > commits
+    # Only the priorities allowed (the supervisor's memory level) are claimed.
+    assert queue.complete_and_claim(high, "w1", 1, None, priorities=(0, 1)) is None
+    assert queue.get(low).state == "queued"
+
+
+def test_complete_and_claim_with_a_lost_lease_claims_nothing(queue):
+    job_id = queue.enqueue("echo")
+    other = queue.enqueue("echo")
+    job = claim_one(queue, owner="w1")
+    with pytest.raises(litequeue.LeaseLost):
+        queue.complete_and_claim(job_id, "w2", job.attempts, None)
+    assert queue.get(other).state == "queued"             # rolled back with the complete
+    assert queue.get(job_id).state == "running"
+
+
+class _SyncCounter(apsw.VFS):
+    """The default VFS, counting the syncs (fsyncs) of the files it opens."""
+
+    def __init__(self):
+        self.syncs = 0
+        super().__init__("sync-counter", "unix", makedefault=True)
+
+    def xOpen(self, name, flags):
+        return _CountedFile(self, name, flags)
+
+
+class _CountedFile(apsw.VFSFile):
+    def __init__(self, vfs, name, flags):
+        self.vfs = vfs
+        super().__init__("unix", name, flags)
+
+    def xSync(self, flags):
+        self.vfs.syncs += 1
+        return super().xSync(flags)
+
+
+def test_a_claim_is_not_fsynced_but_enqueue_and_complete_are(tmp_path):
+    """A claim records only a lease: should power fail before a later commit syncs the WAL,
+    the job is queued again, as recovery would make it. Enqueue and complete (the job and
+    its result) are each synced before they return. Counted at the VFS, for real."""
+    counter = _SyncCounter()
+    try:
+        queue = litequeue.Queue(str(tmp_path / "q.db"))
+        syncs = lambda: counter.syncs                      # noqa: E731
+        before = syncs()
+        job_id = queue.enqueue("echo")
+        after_enqueue = syncs()
+        job = claim_one(queue)
+        after_claim = syncs()
+        queue.complete(job_id, "w1", job.attempts, {"ok": 1})
+        after_complete = syncs()
+        assert after_enqueue > before
+        assert after_claim == after_enqueue
+        assert after_complete > after_claim
+        assert queue.conn.execute("PRAGMA synchronous").fetchall()[0][0] == 2     # FULL again
+        queue.close()
+    finally:
+        counter.unregister()
+
+
 @pytest.mark.parametrize("action", ["complete", "fail", "requeue", "save_checkpoint"])
 def test_wrong_owner_or_stale_attempt_raises_lease_lost(queue, action):
     job_id = queue.enqueue("echo")
