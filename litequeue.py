@@ -1262,9 +1262,13 @@ class Queue:
                 self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
                 return CANCELLED
             if retryable and job.attempts < job.max_attempts:
+                # The TTL counts from when the job is due: a backoff moves its expiry along
+                # with its due time (so expires_at - due_at stays the TTL, which retry uses).
                 self.conn.execute(
-                    "UPDATE jobs SET state = 'queued', error = ?, due_at = ?, owner = NULL,"
-                    " pid = NULL WHERE id = ?", (error, at + backoff_s(job.attempts), job_id))
+                    "UPDATE jobs SET state = 'queued', error = :error, expires_at = expires_at"
+                    " + (:due_at - due_at), due_at = :due_at, owner = NULL, pid = NULL"
+                    " WHERE id = :id", {"error": error, "due_at": at + backoff_s(job.attempts),
+                                        "id": job_id})
                 self._event(at, job_id, job.task, "job", RUNNING, QUEUED,
                             f"attempt {job.attempts} failed: {_first_line(error)}")
                 return QUEUED
