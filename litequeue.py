@@ -1125,7 +1125,7 @@ class Queue:
             self.conn.execute("PRAGMA synchronous = FULL")
 
     def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None):
-        served = None if tasks is None else json.dumps(sorted(set(tasks)))
+        served = None if tasks is None else tuple(sorted(set(tasks)))
         claimed = []
         # The best priority with anything queued, read off the claim index: the probes
         # below skip the (often empty) levels above it.
@@ -1168,12 +1168,15 @@ class Queue:
         window = ("SELECT id, task, expires_at FROM jobs INDEXED BY jobs_claim"
                   " WHERE state = 'queued' AND priority = :priority AND due_at <= :at"
                   " ORDER BY due_at, id LIMIT :window")
-        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW,
-                  "served": served, "blocked": json.dumps(sorted(blocked))}
-        claimable = (" (expires_at IS NULL OR expires_at > :at)"
-                     " AND task NOT IN (SELECT value FROM json_each(:blocked))"
-                     + ("" if served is None
-                        else " AND task IN (SELECT value FROM json_each(:served))"))
+        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW}
+        claimable = " (expires_at IS NULL OR expires_at > :at)"
+        # The task lists as literal parameter lists: a few times cheaper than json_each,
+        # and each supervisor keeps using the same few statements (cached once prepared).
+        for name, op, values in (("b", "NOT IN", sorted(blocked)), ("s", "IN", served)):
+            if values is not None and (values or op == "IN"):
+                marks = ", ".join(f":{name}{i}" for i in range(len(values)))
+                claimable += f" AND task {op} ({marks})"
+                params.update((f"{name}{i}", value) for i, value in enumerate(values))
         rows = _rows(self.conn.execute(
             f"SELECT id, task FROM ({window}) WHERE{claimable} LIMIT 1", params))
         if rows:
@@ -1189,7 +1192,7 @@ class Queue:
                 " ORDER BY due_at, id LIMIT 1", params))
             return rows[0] if rows else None
         best = None
-        for task in json.loads(served):
+        for task in served:
             if task in blocked:
                 continue
             rows = _rows(self.conn.execute(
@@ -1205,7 +1208,7 @@ class Queue:
     def has_due(self, *, tasks=None, at=None):
         """Is any job of these tasks claimable now (ignoring memory pressure)?"""
         at = now() if at is None else at
-        served = None if tasks is None else json.dumps(sorted(set(tasks)))
+        served = None if tasks is None else tuple(sorted(set(tasks)))
         try:
             blocked, _ = breakers_blocking(self.conn, at)
         except apsw.Error as exc:
