@@ -115,6 +115,7 @@ LEASE_S = 30.0                   # a supervisor of another host silent this long
 CHILD_START_DEADLINE_S = 10.0   # a child not running its task by then is stuck
 CHILD_GROWTH_LIMIT_BYTES = 32 * MiB  # a reused child grown this much since fork is replaced
 CHILD_IDLE_S = 30.0             # a reused child idle this long is let go, its memory freed
+CHANNEL_BATCH_S = 0.02          # while children keep reporting, read them this often
 SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a second
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
@@ -2000,9 +2001,10 @@ def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
     up to spec.jobs_per_child jobs: it completes a job and claims its next one in one
     commit, or, with nothing to claim, waits for the supervisor to hand one over on jobs_r.
     On `channel` it tells the supervisor, a line each: "1" a job's task started (past every
-    lock copied by the fork), "2" the job is done and the child waits, "3 ID" the job is done
-    and the child runs job ID. Any other end of a job ends the child, which the supervisor
-    then replaces: a failure, a stop request, growth, or something the job left running."""
+    lock copied by the fork), "2 TIME" the job was recorded done then and the child waits,
+    "3 JOB" the job is done and the child runs JOB (the JSON of its row's watched fields).
+    Any other end of a job ends the child, which the supervisor then replaces: a failure, a
+    stop request, growth, or something the job left running."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
     signals = _ChildSignals()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
@@ -2027,7 +2029,7 @@ def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
                 return
             started = None if following is not None else channel   # "3" says it started
             if following is None:
-                os.write(channel, b"2\n")
+                os.write(channel, f"2 {now()!r}\n".encode())
                 job, memory_limit_bytes = _next_job(queue, jobs_r, spec.owner, signals)
                 if job is None:
                     return
@@ -2041,11 +2043,13 @@ def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
 
 
 def _watched(job):
-    """The fields of a job the supervisor watches while it runs, as JSON (a Job row)."""
+    """The fields of a job the supervisor watches while it runs, as JSON (a Job row), with
+    this child's RSS as the job starts: the base its memory limit is measured from."""
     fields = {name: getattr(job, name) for name in (
         "id", "task", "state", "attempts", "max_attempts", "timeout_s", "memory_limit_bytes",
         "preemptions", "started_at", "owner")}
-    return json.dumps({**fields, "priority": job.priority_value})
+    return json.dumps({**fields, "priority": job.priority_value,
+                       "rss_bytes": process_rss_bytes(os.getpid()) or 0})
 
 
 def _fit_for_another(forked_bytes):
@@ -2334,7 +2338,7 @@ class Supervisor:
         self._stopping = self._stop_now = self._finished = False
         self._next_poll_at = self._next_heartbeat_at = self._next_purge_at = 0.0
         self._data_version = None
-        self._watch_busy_until = self._quiet_until = 0.0
+        self._watch_busy_until = self._quiet_until = self._channels_read_at = 0.0
         self._mp = self._spec = None
 
     # -- the loop -----------------------------------------------------------------------
@@ -2399,9 +2403,17 @@ class Supervisor:
             if wait([wakeup_r], max(0.0, wake_at - time.monotonic())):
                 self._drain_wakeup(wakeup_r)
             return
+        # What children say is read at most every CHANNEL_BATCH_S while they keep talking:
+        # a busy pooled child reports a job every millisecond or so, and each wake-up costs
+        # more than reading a batch. An exit (the sentinel) wakes us at once.
+        batching = time.monotonic() < self._channels_read_at + CHANNEL_BATCH_S
+        if batching:
+            wake_at = min(wake_at, self._channels_read_at + CHANNEL_BATCH_S)
         for run in self._runs.values():
             if not (run.child.reaped or run.child.inbox):    # else settled on a later poll
-                ready += [run.process.sentinel, run.child.channel]
+                ready.append(run.process.sentinel)
+                if not batching:
+                    ready.append(run.child.channel)
         left = max(0.0, wake_at - time.monotonic())
         if len(self._runs) >= self.slots:
             # Every slot busy: a new job could not start anyway, so writes need not wake us
@@ -2812,6 +2824,8 @@ class Supervisor:
                 child.partial += os.read(child.channel, 4096)
             *lines, child.partial = child.partial.split(b"\n")
             child.inbox += lines
+            if child.inbox:
+                self._channels_read_at = time.monotonic()
             while child.inbox and child.run is not None:
                 line = child.inbox[0]
                 if line == b"1":
@@ -2823,13 +2837,17 @@ class Supervisor:
         return finished
 
     def _job_done(self, child, line, at):
-        """The child recorded its job done: "2" it waits for another, "3 JOB" it went on to
-        the job it claimed (the JSON of the job's fields the supervisor watches)."""
+        """The child recorded its job done: "2 TIME" it waits for another, "3 JOB" it went on
+        to the job it claimed (the JSON of the job's fields the supervisor watches, claimed
+        in the commit that recorded the last one done)."""
         run = child.run
-        log.info("job %d %s done in %.3fs", run.job.id, run.job.task, at - run.job.started_at)
+        kind, _, rest = line.partition(b" ")
+        row = json.loads(rest)
+        done_at = row if kind == b"2" else row["started_at"]
+        log.info("job %d %s done in %.3fs", run.job.id, run.job.task, done_at - run.job.started_at)
         del self._runs[run.job.id]
         child.run = None
-        if line == b"2":
+        if kind == b"2":
             if (run.stop_reason is None and not run.killed and not self._stopping
                     and self.tracker.level == "normal"):
                 child.idle_since = time.monotonic()
@@ -2837,9 +2855,11 @@ class Supervisor:
             else:
                 self._retire(child)
             return
-        job = Job(json.loads(line[2:]))
+        job = Job(row)
         limit = job.memory_limit_bytes or self.memory_limit_bytes
-        self._track(job, child, at, time.monotonic(), limit, process_rss_bytes(child.pid) or 0)
+        # Timed from its claim, which may be a moment before we read this line.
+        started_tick = time.monotonic() - max(0.0, at - job.started_at)
+        self._track(job, child, at, started_tick, limit, row["rss_bytes"])
         child.run.started = True                # it said so before claiming
         if run.stop_reason is not None or run.killed:
             # We had asked that child to stop (or killed it) for the job before: the one it

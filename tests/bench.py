@@ -73,7 +73,7 @@ FULL_RUN = dict(
     sup_jobs=2000, latency_jobs=100, idle_s=30.0, fork_latency_n=100,
     reaction_runs=5, poll_calls=2000, idle_poll_s=10.0,
     soak_jobs=100_000, soak_purge_every=5000, soak_print_every=10_000,
-    peer_rounds=6, peer_count=500, peer_e2e_fork=2000, peer_e2e_pool=3000, peer_per_child=1000,
+    peer_rounds=6, peer_count=500, peer_e2e_fork=2000, peer_e2e_pool=10_000, peer_per_child=1000,
     peer_idle_jobs=20, peer_settle_s=3.0, peer_window_s=2.0,
 )
 QUICK_RUN = dict(
@@ -408,6 +408,18 @@ def prefill(path, n):
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     conn.execute("ANALYZE")
     conn.close()
+
+
+def lq_consume(queue, n):
+    """n jobs the way a consumer goes on: claim one, then complete_and_claim (one commit per
+    job, what a pooled child does); returns jobs/s."""
+    owner = "bench"
+    t0 = time.perf_counter()
+    job = queue.claim(owner)[0]
+    for _ in range(n - 1):
+        job = queue.complete_and_claim(job.id, owner, job.attempts)
+    queue.complete(job.id, owner, job.attempts)
+    return n / (time.perf_counter() - t0)
 
 
 def lq_claim_complete(queue, n):
@@ -1656,12 +1668,19 @@ def peers_rates(bench, t, venv, workdir, redis):
                   ratio >= 1.0)
             lq_claim_complete(queue, 50)
             driver.take(50)
-            ours, theirs, ratio = paired(rounds, lambda r: lq_claim_complete(queue, count)[0],
+            ours, theirs, ratio = paired(rounds, lambda r: lq_consume(queue, count),
                                          lambda r: driver.take(count))
             data["figures"][f"take/{kind}"] = figure(ours, theirs, ratio)
             take_rows.append((f"claim+complete, one process, {setting} (jobs/s)", rate(ours),
                               f"{label} {take_call} {rate(theirs)}", x(ratio),
                               ">= 1.00x (ahead)", ratio >= 1.0))
+            queue.enqueue_many([("echo", {"i": i}) for i in range(total)])    # a second lot
+            driver.put(total, total)
+            ours, theirs, ratio = paired(rounds, lambda r: lq_claim_complete(queue, count)[0],
+                                         lambda r: driver.take(count))
+            data["figures"][f"take-two-calls/{kind}"] = figure(ours, theirs, ratio)
+            take_rows.append(("   the same with claim() and complete(), two commits a job",
+                              rate(ours), f"{label} {rate(theirs)}", x(ratio), "(no target)"))
         finally:
             queue.close()
             driver.close()
@@ -1669,8 +1688,11 @@ def peers_rates(bench, t, venv, workdir, redis):
         t.row(*row)
     t.note(f"enqueue and dequeue+ack: {total:,} jobs each way ({rounds} rounds of {count}, "
            f"alternating which side goes first, after 50 to warm up), payload {{'i': i}}; "
-           f"litequeue: Queue.enqueue('echo', payload), then Queue.claim(owner) + "
-           f"Queue.complete(), in this process; each peer: its own calls, one at a time, in a "
+           f"litequeue: Queue.enqueue('echo', payload), then a consumer's loop: "
+           f"Queue.claim(owner) once, then Queue.complete_and_claim() per job (the completion "
+           f"and the next claim in one commit, as a pooled child runs; the claim is not "
+           f"fsynced, the completion is), and the same with claim() + complete() per job "
+           f"beside it; in this process; each peer: its own calls, one at a time, in a "
            f"process of its own in the venv; rates are medians, ratio the median of the "
            f"per-round ratios (litequeue/peer: above 1 is litequeue ahead)")
     t.note("durability, read from each peer's source and checked on its open connection "

@@ -54,10 +54,12 @@ def test_new_file_is_owner_only_wal_and_marked(tmp_path):
     old_umask = os.umask(0)         # even a permissive umask must not widen the mode
     try:
         queue = litequeue.Queue(path)
+        queue.enqueue("echo")       # the -wal and -shm beside it exist while it is open
     finally:
         os.umask(old_umask)
     try:
-        assert os.stat(path).st_mode & 0o777 == 0o600
+        for name in (path, path + "-wal", path + "-shm"):
+            assert os.stat(name).st_mode & 0o777 == 0o600, name
         conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
         try:
             assert conn.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
