@@ -689,7 +689,16 @@ class Context:
     def save(self, state):
         """Store state durably as the job's checkpoint. If a stop was asked, does not return:
         the job ends here and later resumes from this state."""
-        self._queue.save_checkpoint(self.job_id, self._owner, self.attempt, state)
+        while True:
+            try:
+                self._queue.save_checkpoint(self.job_id, self._owner, self.attempt, state)
+                break
+            except DatabaseUnusable as exc:
+                # A busy or full file: wait (the supervisor does too) rather than end the
+                # job, unless a stop was asked; then it ends with the last checkpoint kept.
+                if not exc.waitable or self._stop_asked:
+                    raise
+                time.sleep(0.5)
         self.checkpoint = state
         if self._stop_asked:
             raise StopRequested()
@@ -2066,14 +2075,18 @@ def _record_done(queue, job, spec, outcome, reuse, signals):
     claim the next job in the same commit. Returns that Job, None, or False if the job
     could not be recorded done (its failure recorded instead, or the lease lost)."""
     (result,) = outcome
-    priorities = mask_priorities(spec.claimable.value) if reuse else ()
-    try:
+
+    def record():
+        # The mask is read at each try: a wait for a full disk may outlast a level change.
+        priorities = mask_priorities(spec.claimable.value) if reuse else ()
         if priorities:
-            return _written(signals, queue.complete_and_claim, job.id, spec.owner,
-                            job.attempts, result, tasks=spec.tasks, priorities=priorities,
-                            pid=os.getpid())
-        _written(signals, queue.complete, job.id, spec.owner, job.attempts, result)
+            return queue.complete_and_claim(job.id, spec.owner, job.attempts, result,
+                                            tasks=spec.tasks, priorities=priorities,
+                                            pid=os.getpid())
+        queue.complete(job.id, spec.owner, job.attempts, result)
         return None
+    try:
+        return _written(signals, record)
     except BadPayload as exc:
         _record_failure(queue, job, spec.owner, f"task returned a result that is not JSON: "
                         f"{exc}", signals)
@@ -2141,7 +2154,7 @@ def _next_job(queue, jobs_r, owner, signals):
         message += chunk
     signals.idle = False
     job_id, attempts, limit_bytes = (int(field) for field in message.split())
-    job = queue.get(job_id)
+    job = _written(signals, queue.get, job_id)
     if (job.state, job.owner, job.attempts) != (RUNNING, owner, attempts):
         return None, None
     return job, limit_bytes
@@ -2250,7 +2263,7 @@ class _Child:
     """A child process as the supervisor tracks it, across the jobs it runs."""
 
     __slots__ = ("process", "channel", "jobs_w", "reaped", "idle_since", "run", "inbox",
-                 "partial")
+                 "partial", "channel_eof")
 
     def __init__(self, process, channel, jobs_w):
         self.process = process
@@ -2261,6 +2274,7 @@ class _Child:
         self.run = None             # the _Run of the job it runs now
         self.inbox = []             # lines read, not yet acted on
         self.partial = b""          # the start of a line not yet read whole
+        self.channel_eof = False    # its end of the pipe is closed
 
     @property
     def pid(self):
@@ -2339,6 +2353,7 @@ class Supervisor:
         self._next_poll_at = self._next_heartbeat_at = self._next_purge_at = 0.0
         self._data_version = None
         self._watch_busy_until = self._quiet_until = self._channels_read_at = 0.0
+        self._unchecked_write = False     # another process wrote: cancels not yet looked at
         self._mp = self._spec = None
 
     # -- the loop -----------------------------------------------------------------------
@@ -2390,6 +2405,13 @@ class Supervisor:
             if not exc.waitable:
                 raise
             log.warning("%s; trying again", exc)
+            if self._stopping:                 # stopping needs signals, not the file
+                tick = time.monotonic()
+                self._shut_down(now(), tick)
+                for run in self._runs.values():
+                    if run.kill_at is not None and tick >= run.kill_at and not run.killed:
+                        run.killed = True      # (the event for it cannot be written now)
+                        self._signal(run, signal.SIGKILL)
             # Our own failed writes touch the directory, so the watch would wake us at once:
             # sleep the poll out, woken only by a signal.
             self._quiet_until = time.monotonic() + self.poll_s
@@ -2412,7 +2434,7 @@ class Supervisor:
         for run in self._runs.values():
             if not (run.child.reaped or run.child.inbox):    # else settled on a later poll
                 ready.append(run.process.sentinel)
-                if not batching:
+                if not (batching or run.child.channel_eof):
                     ready.append(run.child.channel)
         left = max(0.0, wake_at - time.monotonic())
         if len(self._runs) >= self.slots:
@@ -2439,15 +2461,17 @@ class Supervisor:
             os.read(wakeup_r, 512)
 
     def _on_signal(self, signum, frame):
-        # Only flags: the loop does the work, outside the signal handler.
+        # Only flags (and the shared mask children read): the loop does the work.
         if self._stopping:
             self._stop_now = True
         self._stopping = True
+        self._publish_claimable()
 
     def stop(self, now_=False):
         """Ask the loop to stop (as SIGTERM would; now_=True as a second signal would)."""
         self._stop_now = self._stop_now or now_
         self._stopping = True
+        self._publish_claimable()
 
     def step(self, at=None, tick=None):
         """One round: reap, heartbeat, watch memory, stop or start jobs. Returns the tick at
@@ -2475,7 +2499,9 @@ class Supervisor:
             self._poll_memory(at, tick)
             self._next_poll_at = tick + self.poll_s
         changed = self._data_changed()
-        if changed and (polled or len(self._runs) < self.slots):
+        self._unchecked_write = self._unchecked_write or changed
+        if self._unchecked_write and (polled or len(self._runs) < self.slots):
+            self._unchecked_write = False          # (a write seen now is checked next poll)
             self._apply_cancels(at, tick)
         if self._stopping:
             self._shut_down(at, tick)
@@ -2581,6 +2607,7 @@ class Supervisor:
         self.pressure = reading.pressure
         before = self.tracker.level
         level = self.tracker.update(reading.pressure, tick)
+        self._publish_claimable()
         if level != before:
             log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
             self.queue.record_event("level", before, level, "memory pressure",
@@ -2691,9 +2718,13 @@ class Supervisor:
             run.stop_reason = run.stop_reason or "shutdown"
             self._signal(run, signal.SIGKILL)
         self._retire_idle()
+        kill_at = time.monotonic() + 2.0
         while self._runs or self._retiring:
             self._reap(now())
             if self._retiring:
+                if time.monotonic() > kill_at:     # a SIGTERM'd idle child did not go
+                    for child in self._retiring:
+                        self._signal(child, signal.SIGKILL)
                 time.sleep(0.005)
 
     def _children(self):
@@ -2785,24 +2816,25 @@ class Supervisor:
     def _reap(self, at):
         """Settle every job whose child said it is done or has ended; returns how many
         (each freed a slot). Reap idle and retired children that have ended."""
+        # Which children have ended is decided before their pipes are read: whatever an
+        # ended child said before it ended is then in the pipe, and is acted on first.
+        exited = {id(r.child) for r in self._runs.values()
+                  if r.child.reaped or _has_exited(r.child.pid)}
         freed = self._read_channels(at)
-        ended = [r for r in self._runs.values() if r.child.reaped or _has_exited(r.child.pid)]
+        ended = [r for r in self._runs.values() if id(r.child) in exited]
         for run in ended:
             self._wait_for(run.child)
-            self._settle(run, at)              # first: if this fails, the run is kept
+            self._settle(run, at)              # first: if these fail, the run is kept
+            self._requeue_lost_claims(run.child, at)
             del self._runs[run.job.id]
-            self._forget(run.child, at)
+            run.child.close()
         for spare in (self._idle, self._retiring):
             for child in [c for c in spare if _has_exited(c.pid)]:
                 self._wait_for(child)
+                self._requeue_lost_claims(child, at)
                 spare.remove(child)
-                self._forget(child, at)
+                child.close()
         return freed + len(ended)
-
-    def _forget(self, child, at):
-        if child.jobs_w is not None:           # pooled: it may have claimed a job for itself
-            self._requeue_lost_claims(child, at)
-        child.close()
 
     @staticmethod
     def _wait_for(child):
@@ -2820,8 +2852,7 @@ class Supervisor:
         for the next round."""
         finished = 0
         for child in [run.child for run in self._runs.values()]:
-            with contextlib.suppress(BlockingIOError):
-                child.partial += os.read(child.channel, 4096)
+            child.partial += _read_all(child)
             *lines, child.partial = child.partial.split(b"\n")
             child.inbox += lines
             if child.inbox:
@@ -2859,7 +2890,7 @@ class Supervisor:
         limit = job.memory_limit_bytes or self.memory_limit_bytes
         # Timed from its claim, which may be a moment before we read this line.
         started_tick = time.monotonic() - max(0.0, at - job.started_at)
-        self._track(job, child, at, started_tick, limit, row["rss_bytes"])
+        self._track(job, child, job.started_at, started_tick, limit, row["rss_bytes"])
         child.run.started = True                # it said so before claiming
         if run.stop_reason is not None or run.killed:
             # We had asked that child to stop (or killed it) for the job before: the one it
@@ -2873,6 +2904,8 @@ class Supervisor:
     def _requeue_lost_claims(self, child, at):
         """A pooled child that died between claiming its next job and saying so leaves that
         job running under us with its pid: give it back, uncharged (it never started)."""
+        if child.jobs_w is None:               # not pooled: it claims nothing itself
+            return
         for row in self.queue._read("SELECT id, attempts FROM jobs WHERE state = 'running'"
                                     " AND owner = ? AND pid = ?", (self.id, child.pid)):
             if row["id"] not in self._runs:
@@ -2931,6 +2964,20 @@ class Supervisor:
         else:
             log.warning("job %d %s failed (attempt %d/%d), now %s: %s", job.id, job.task,
                         job.attempts, job.max_attempts, latest.state, _first_line(latest.error))
+
+
+def _read_all(child):
+    """Everything in a child's pipe now. An end of file while it lives (a task closed the
+    fds it inherited) marks the pipe finished, so the loop does not wake on it forever."""
+    data = b""
+    while not child.channel_eof:
+        try:
+            chunk = os.read(child.channel, 65536)
+        except BlockingIOError:
+            break
+        child.channel_eof = not chunk
+        data += chunk
+    return data
 
 
 class _DirectoryWatch:

@@ -358,9 +358,178 @@ def test_a_job_claimed_by_a_child_that_died_before_saying_so_goes_back(queue):
     job = queue.claim(sup.id)[0]
     queue.complete_and_claim(first, sup.id, job.attempts, None, pid=999_999)
 
-    class DeadChild:
-        pid = 999_999
+    class DeadChild:                 # a pooled child (it has a pipe for jobs), now gone
+        pid, jobs_w = 999_999, -1
     sup._requeue_lost_claims(DeadChild, litequeue.now())
     lost = queue.get(second)
     assert (lost.state, lost.attempts, lost.owner) == ("queued", 0, None)
     assert "before it could start" in [e["reason"] for e in queue.events(job_id=second)][-1]
+
+
+# --------------------------------------------------------------------------------------
+# Races found in review, replayed with the supervisor stepped by hand (real children)
+# --------------------------------------------------------------------------------------
+
+class FixedProbe:
+    def __init__(self, pressure=10.0):
+        self.pressure = pressure
+
+    def machine_percent(self):
+        return self.pressure
+
+    def read(self, child_pids=()):
+        return litequeue.MemoryReading(self.pressure, self.pressure)
+
+
+def stepped_supervisor(queue, **options):
+    """A Supervisor set up as run() sets it up, for a test to call step() at chosen moments."""
+    import ctypes
+    import multiprocessing
+    sup = litequeue.Supervisor(queue, tasks=dict(queue.registry), **options)
+    sup._mp = multiprocessing.get_context("fork")
+    libc = ctypes.CDLL(None, use_errno=True)
+    sup._spec = litequeue.ChildSpec(sup, getattr(libc, "prctl", None), sup._mp.RawValue("i", 0))
+    sup._register()
+    return sup
+
+
+def step_for(sup, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sup.step()
+        time.sleep(0.02)
+
+
+def finish(sup):
+    sup.stop(now_=True)
+    for _ in range(500):
+        sup.step()
+        if sup._finished:
+            break
+        time.sleep(0.02)
+    sup._abandon_children()
+
+
+def test_a_crash_after_many_unread_reports_is_charged_to_the_job_that_crashed(queue):
+    """A pooled child runs 150 jobs, then crashes, all before the supervisor looks: every
+    report in its pipe is read before it is settled, so the crash is the crashing job's
+    (charged, dead), not a lost claim given back for free."""
+    @queue.task(max_attempts=5)
+    def noop(ctx):
+        return None
+
+    @queue.task(max_attempts=1)
+    def crash(ctx):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    ids = queue.enqueue_many(["noop"] * 150)
+    bad = queue.enqueue("crash")
+    sup = stepped_supervisor(queue, slots=1, jobs_per_child=1000, probe=FixedProbe())
+    try:
+        sup.step()                                    # forks a child for the first job
+        wait_for(lambda: queue.get(bad).state != "queued", timeout=20)
+        time.sleep(0.3)                               # it has crashed by now, unobserved
+        step_for(sup, 0.5)
+        job = queue.get(bad)
+        assert (job.state, job.attempts, job.error) == ("dead", 1, "killed by signal 11")
+        started = [e for e in queue.events(job_id=bad) if e["to_state"] == "running"]
+        assert len(started) == 1                      # it ran once: max_attempts=1
+        assert all(queue.get(i).state == "done" for i in ids)
+    finally:
+        finish(sup)
+
+
+@pytest.mark.parametrize("jobs_per_child", [1, 4])
+def test_a_cancel_seen_between_polls_is_still_applied(queue, jobs_per_child):
+    """Every slot busy; the cancel is written, then a step that is not a memory poll sees
+    the write: the cancel is applied at the next poll, not lost."""
+    @queue.task(max_attempts=3)
+    def longrun(ctx):
+        time.sleep(3.0)                # never saves: only the grace kill stops it
+        return "finished"
+
+    job_id = queue.enqueue("longrun")
+    sup = stepped_supervisor(queue, slots=1, jobs_per_child=jobs_per_child,
+                             probe=FixedProbe(), grace=0.5)
+    try:
+        t0 = time.monotonic()
+        sup.step(tick=t0)                         # a poll: starts the job
+        wait_for(lambda: queue.get(job_id).state == "running")
+        with litequeue.Queue(queue.path) as other:
+            other.cancel(job_id)
+        sup.step(tick=t0 + 0.05)                  # not a poll: the write is seen here
+        tick = t0 + 0.3
+        deadline = time.monotonic() + 2.5
+        while queue.get(job_id).state == "running" and time.monotonic() < deadline:
+            sup.step(tick=max(tick, time.monotonic()))
+            tick += 0.25
+            time.sleep(0.05)
+        job = queue.get(job_id)
+        assert (job.state, job.result) == ("cancelled", None)
+    finally:
+        finish(sup)
+
+
+def test_a_level_change_reaches_pooled_children_in_the_same_poll(queue):
+    """Pressure rises to the preempt level while a pooled child runs a high job: the mask
+    children claim by changes in that very poll, so the child does not go on to the normal
+    job waiting behind it."""
+    @queue.task(max_attempts=3, priority="high")
+    def warm(ctx):
+        time.sleep(0.4)
+
+    @queue.task(max_attempts=1)
+    def plain(ctx):
+        return "ran"
+
+    queue.enqueue("warm")
+    plain_id = queue.enqueue("plain")
+    probe = FixedProbe(10.0)
+    sup = stepped_supervisor(queue, slots=1, jobs_per_child=5, probe=probe, grace=0.5,
+                             poll=0.25)
+    try:
+        t0 = time.monotonic()
+        sup.step(tick=t0)
+        time.sleep(0.1)
+        probe.pressure = 90.0
+        sup.step(tick=t0 + 0.25)                   # a poll: level -> preempt
+        assert sup.tracker.level == "preempt"
+        assert litequeue.mask_priorities(sup._spec.claimable.value) == (0, 1)
+        time.sleep(0.6)                            # the high job ends meanwhile
+        step_for(sup, 0.5)
+        job = queue.get(plain_id)
+        assert (job.state, job.attempts) == ("queued", 0)
+    finally:
+        finish(sup)
+
+
+def test_a_self_claimed_job_read_late_keeps_its_start_and_checkpoint(queue):
+    """The supervisor reads a child's "3" report late; the job saved a checkpoint in the
+    meantime. An emergency kill then finds the checkpoint newer than the job's start (its
+    claim), so the job goes back uncharged, as for any job that saved."""
+    @queue.task(max_attempts=3)
+    def warm(ctx):
+        return None
+
+    @queue.task(max_attempts=1)
+    def saver(ctx):
+        ctx.save({"step": 1})
+        time.sleep(10)
+
+    queue.enqueue("warm")
+    saver_id = queue.enqueue("saver")
+    probe = FixedProbe(10.0)
+    sup = stepped_supervisor(queue, slots=1, jobs_per_child=5, probe=probe, grace=1)
+    try:
+        t0 = time.monotonic()
+        sup.step(tick=t0)
+        wait_for(lambda: queue.get(saver_id).checkpoint == {"step": 1})
+        time.sleep(0.3)                            # read late
+        probe.pressure = 97.0                      # emergency: killed at once
+        sup.step(tick=t0 + 0.3)
+        step_for(sup, 1.0)
+        job = queue.get(saver_id)
+        assert (job.state, job.attempts, job.preemptions) == ("queued", 0, 1)
+        assert job.checkpoint == {"step": 1}
+    finally:
+        finish(sup)
