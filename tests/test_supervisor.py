@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import litequeue
-from conftest import integrity_ok, job_states, run_cli, start_serve, wait_for, write_app
+from conftest import SCRIPT, integrity_ok, job_states, run_cli, start_serve, wait_for, write_app
 
 MiB = 1 << 20
 
@@ -838,3 +838,21 @@ def test_log_has_one_line_per_job_start_and_end(tmp_path, db_path):
         assert outcome in ends[0], ends
     assert "ValueError: boom from the task" in one_line_per_job(lines, bad)[1][0]
     assert "killed by signal 6" in one_line_per_job(lines, aborted)[1][0]
+
+
+def test_serve_started_as_a_script_keeps_its_pid_interpreter_options_and_paths(tmp_path, db_path):
+    """`python litequeue.py serve` restarts itself from the module's cached bytecode (its
+    compiled script would otherwise stay in its memory): same pid, the interpreter's options
+    (here -X importtime) still apply, and the app and the file are found as before."""
+    app = write_app(tmp_path, APP_BASICS)
+    with litequeue.Queue(db_path) as q:
+        job_id = q.enqueue("ok", {"n": 7})
+    command = [sys.executable, "-X", "importtime", SCRIPT, "serve", "--burst", "--app", app,
+               "--db", db_path]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LITEQUEUE_DB": db_path})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "import time:" in err                          # the option reached the supervisor
+    assert f"litequeue[{proc.pid}]" in err                # its log lines carry the same pid
+    assert get(db_path, job_id).result == {"n": 7}
