@@ -2036,9 +2036,9 @@ def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
                   breaker=spec.breaker_policy, _checked=True)
     forked_bytes = process_rss_bytes(os.getpid()) or 0
     try:
-        started = channel
+        say_started = channel          # None for a job it claimed itself: "3" said so
         for number in range(1, spec.jobs_per_child + 1):
-            outcome = _run_job(queue, job, spec, memory_limit_bytes, signals, started)
+            outcome = _run_job(queue, job, spec, memory_limit_bytes, signals, say_started)
             if outcome is None:
                 return
             reuse = (pooled and number < spec.jobs_per_child and not signals.asked
@@ -2046,7 +2046,7 @@ def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
             following = _record_done(queue, job, spec, outcome, reuse, signals)
             if not reuse or following is False:
                 return
-            started = None if following is not None else channel   # "3" says it started
+            say_started = None if following is not None else channel
             if following is None:
                 os.write(channel, f"2 {now()!r}\n".encode())
                 job, memory_limit_bytes = _next_job(queue, jobs_r, spec.owner, signals)
@@ -2105,15 +2105,15 @@ def _record_done(queue, job, spec, outcome, reuse, signals):
     return False
 
 
-def _run_job(queue, job, spec, memory_limit_bytes, signals, started):
-    """Run one job's task, first saying "1" on `started` (unless None). Returns (result,)
+def _run_job(queue, job, spec, memory_limit_bytes, signals, say_started):
+    """Run one job's task, first saying "1" on `say_started` (unless None). Returns (result,)
     when it returned; None when it ended otherwise (its failure recorded, or its lease lost)."""
     import traceback
     ctx = signals.ctx = Context(queue, job, spec.owner)
     if signals.asked:
         ctx.ask_stop()
-    if started is not None:
-        os.write(started, b"1\n")
+    if say_started is not None:
+        os.write(say_started, b"1\n")
     try:
         return (_call_task(spec.tasks[job.task].fn, ctx, job.payload),)
     except LeaseLost:
