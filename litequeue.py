@@ -41,7 +41,7 @@ if __name__ == "__main__":
     # (`from litequeue import Queue`), the supervisor and its children share one module
     # object, one Queue class and one exception tree, and this body is not run twice.
     import sys
-    if sys.argv[1:2] == ["serve"] and __spec__ is None:      # run as a file, not with -m
+    if sys.argv[1:2] == ["serve"] and __spec__ is None and sys.executable:   # a file, not -m
         # A supervisor runs for months: start it afresh (same pid, same sys.path, same
         # interpreter options) from the module's cached bytecode. Compiling this file as a
         # script left its code and the compiler's fragmented heap in the supervisor's
