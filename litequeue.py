@@ -69,7 +69,7 @@ __all__ = (
     "Queue", "Supervisor", "Task", "Job", "Context",
     "Error", "BadInput", "UnknownTask", "BadPriority", "BadPayload", "JobNotFound",
     "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable",
-    "StopRequested", "parse_size", "parse_duration", "main",
+    "StopRequested", "Permanent", "SupervisorOptions", "parse_size", "parse_duration", "main",
 )
 
 class _Log:
@@ -101,7 +101,9 @@ LEVELS = ("normal", "skip", "preempt", "emergency")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
 EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
-EXIT_CHILD_DB_WAIT = 76          # a child whose task met a busy or full database
+# How a run that did not finish done ends, besides cancelled: the queue then decides the
+# state (a failure is retried while attempts remain; a requeue may be charged an attempt).
+ENDING_FAILED, ENDING_REQUEUED = "failed", "requeued"
 
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
@@ -125,7 +127,8 @@ LEASE_S = 30.0                   # a supervisor of another host silent this long
 CHILD_START_DEADLINE_S = 10.0   # a child not running its task by then is stuck
 CHILD_GROWTH_LIMIT_BYTES = 32 * MiB  # a reused child grown this much since fork is replaced
 CHILD_IDLE_S = 30.0             # a reused child idle this long is let go, its memory freed
-CHANNEL_BATCH_S = 0.02          # while children keep reporting, read them this often
+PROGRESS_EVERY_S = 0.2          # a task's progress is sent at most this often (and its last)
+CHANNEL_BATCH_S = 0.002         # while children keep reporting, read them this often
 SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a second
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
@@ -190,6 +193,11 @@ class StopRequested(BaseException):
     A BaseException so that a task's `except Exception` cannot swallow it."""
 
 
+class Permanent(Exception):
+    """Raised by a task to fail for good at once: the job ends dead with this reason, and
+    the breaker does not count it (the input's fault, not the task's health)."""
+
+
 # ======================================================================================
 # Small helpers: clock, JSON, sizes, durations
 # ======================================================================================
@@ -244,7 +252,7 @@ def _stored_json(text, what):
     except (ValueError, TypeError, RecursionError) as exc:
         shown = text if isinstance(text, str) else repr(text)
         raise UnreadableValue(f"the {what} stored in the file is not valid JSON "
-                              f"({type(exc).__name__}): {_first_line(shown)[:80]!r}") from None
+                              f"({type(exc).__name__}): {_last_line(shown)[:80]!r}") from None
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -603,6 +611,16 @@ class Job:
     def to_dict(self):
         return {name: getattr(self, name) for name in self.__slots__}
 
+    to_fields = to_dict
+
+    @classmethod
+    def from_fields(cls, fields):
+        """The Job whose to_fields() gave `fields` (as a child receives it over its pipe)."""
+        job = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(job, name, fields.get(name))
+        return job
+
     def __repr__(self):
         return f"<Job {self.id} {self.task} {self.state} attempts={self.attempts}>"
 
@@ -676,17 +694,20 @@ class Task:
 
 
 class Context:
-    """What a running task sees: its job, last checkpoint, and the way to save progress."""
+    """What a running task sees: its job, last checkpoint, and the way to save progress.
 
-    def __init__(self, queue, job, owner):
+    In a supervisor's child, checkpoints and progress go to the supervisor over a pipe;
+    Context(queue, job, owner) writes them to the queue itself (a task run by hand, a test)."""
+
+    def __init__(self, queue, job, owner, *, reporter=None):
         self.job = job
         self.job_id = job.id
         self.payload = job.payload
         self.attempt = job.attempts
         self.checkpoint = job.checkpoint
-        self._queue, self._owner = queue, owner
+        self._reporter = reporter or _QueueReporter(queue, owner)
         self._stop_asked = False
-        self._progress_written_at = 0.0
+        self._progress_sent_tick = -PROGRESS_EVERY_S
 
     @property
     def stopping(self):
@@ -699,26 +720,32 @@ class Context:
     def save(self, state):
         """Store state durably as the job's checkpoint. If a stop was asked, does not return:
         the job ends here and later resumes from this state."""
-        while True:
-            try:
-                self._queue.save_checkpoint(self.job_id, self._owner, self.attempt, state)
-                break
-            except DatabaseUnusable as exc:
-                # A busy or full file: wait (the supervisor does too) rather than end the
-                # job, unless a stop was asked; then it ends with the last checkpoint kept.
-                if not exc.waitable or self._stop_asked:
-                    raise
-                time.sleep(0.5)
+        self._reporter.save(self.job, dumps_json(state, "checkpoint"))
         self.checkpoint = state
         if self._stop_asked:
             raise StopRequested()
 
     def progress(self, done, total=None):
-        """Report progress for `status`; written at most twice a second."""
-        at = now()
-        if at - self._progress_written_at >= 0.5 or (total is not None and done >= total):
-            self._progress_written_at = at
-            self._queue.set_progress(self.job_id, self._owner, self.attempt, done, total)
+        """Report progress for `status` (sent at most every PROGRESS_EVERY_S, and the last)."""
+        done, total = float(done), None if total is None else float(total)
+        tick = time.monotonic()
+        if tick - self._progress_sent_tick >= PROGRESS_EVERY_S or (
+                total is not None and done >= total):
+            self._progress_sent_tick = tick
+            self._reporter.progress(self.job, done, total)
+
+
+class _QueueReporter:
+    """Where a task's checkpoints and progress go when it runs outside a child: the queue."""
+
+    def __init__(self, queue, owner):
+        self.queue, self.owner = queue, owner
+
+    def save(self, job, text):
+        self.queue.save_checkpoint(job.id, self.owner, job.attempts, json.loads(text))
+
+    def progress(self, job, done, total):
+        self.queue.set_progress(job.id, self.owner, job.attempts, done, total)
 
 
 class _Lease:
@@ -727,6 +754,18 @@ class _Lease:
     def __init__(self, task, attempts, max_attempts, cancel_requested):
         self.task, self.attempts, self.max_attempts = task, attempts, max_attempts
         self.cancel_requested = bool(cancel_requested)
+
+
+class RunRecord:
+    """What a supervisor commits for one run: its newest progress and checkpoint, and its
+    Ending once decided; the pressure goes with a requeue's event."""
+
+    __slots__ = ("job_id", "attempt", "progress", "checkpoint", "ending", "pressure")
+
+    def __init__(self, job_id, attempt, progress=None, checkpoint=None, ending=None,
+                 pressure=None):
+        self.job_id, self.attempt, self.progress = job_id, attempt, progress
+        self.checkpoint, self.ending, self.pressure = checkpoint, ending, pressure
 
 
 def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.random):
@@ -1275,28 +1314,32 @@ class Queue:
         """Record a failure of a leased job: retry later with backoff while attempts remain,
         else dead with the error kept. Returns the new state."""
         with self._tx():
-            at = now()
-            job = self._leased(job_id, owner, attempt)
-            if breaker_failure:
-                breaker_failed(self, job.task, job_id, at)
-            else:
-                breaker_release_trial(self, job.task, job_id, at)
-            if job.cancel_requested:                 # asked to cancel: no retry
-                self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
-                return CANCELLED
-            if retryable and job.attempts < job.max_attempts:
-                # The TTL counts from when the job is due: a backoff moves its expiry along
-                # with its due time (so expires_at - due_at stays the TTL, which retry uses).
-                self.conn.execute(
-                    "UPDATE jobs SET state = 'queued', error = :error, expires_at = expires_at"
-                    " + (:due_at - due_at), due_at = :due_at, owner = NULL, pid = NULL"
-                    " WHERE id = :id", {"error": error, "due_at": at + backoff_s(job.attempts),
-                                        "id": job_id})
-                self._event(at, job_id, job.task, "job", RUNNING, QUEUED,
-                            f"attempt {job.attempts} failed: {_first_line(error)}")
-                return QUEUED
-            self._finish(job_id, job.task, RUNNING, DEAD, at, _first_line(error), error=error)
-            return DEAD
+            return self._fail_in_tx(job_id, owner, attempt, error, retryable, breaker_failure,
+                                    now())
+
+    def _fail_in_tx(self, job_id, owner, attempt, error, retryable, breaker_failure, at):
+        job = self._leased(job_id, owner, attempt)
+        if job.cancel_requested:                 # asked to cancel: no retry, and no failure
+            breaker_release_trial(self, job.task, job_id, at)
+            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
+            return CANCELLED
+        if breaker_failure:
+            breaker_failed(self, job.task, job_id, at)
+        else:
+            breaker_release_trial(self, job.task, job_id, at)
+        if retryable and job.attempts < job.max_attempts:
+            # The TTL counts from when the job is due: a backoff moves its expiry along
+            # with its due time (so expires_at - due_at stays the TTL, which retry uses).
+            self.conn.execute(
+                "UPDATE jobs SET state = 'queued', error = :error, expires_at = expires_at"
+                " + (:due_at - due_at), due_at = :due_at, owner = NULL, pid = NULL"
+                " WHERE id = :id", {"error": error, "due_at": at + backoff_s(job.attempts),
+                                    "id": job_id})
+            self._event(at, job_id, job.task, "job", RUNNING, QUEUED,
+                        f"attempt {job.attempts} failed: {_last_line(error)}")
+            return QUEUED
+        self._finish(job_id, job.task, RUNNING, DEAD, at, _last_line(error), error=error)
+        return DEAD
 
     def requeue(self, job_id, owner, attempt, reason, *, charge, preempted=False,
                 recovered=False, pressure=None):
@@ -1327,21 +1370,26 @@ class Queue:
     def finish_cancelled(self, job_id, owner, attempt):
         """A running job whose cancel was asked has stopped: cancelled."""
         with self._tx():
-            at = now()
-            job = self._leased(job_id, owner, attempt)
-            breaker_release_trial(self, job.task, job_id, at)
-            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
+            self._finish_cancelled_in_tx(job_id, owner, attempt, now())
+
+    def _finish_cancelled_in_tx(self, job_id, owner, attempt, at):
+        job = self._leased(job_id, owner, attempt)
+        breaker_release_trial(self, job.task, job_id, at)
+        self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
 
     def save_checkpoint(self, job_id, owner, attempt, state):
-        """Store a running job's checkpoint durably (called by the child itself)."""
+        """Store a running job's checkpoint durably."""
         text = dumps_json(state, "checkpoint")
         with self._tx():
-            self.conn.execute(
-                "UPDATE jobs SET checkpoint = ?, checkpoint_at = ? WHERE id = ?"
-                " AND state = 'running' AND owner = ? AND attempts = ?",
-                (text, now(), job_id, owner, attempt))
-            if not self.conn.changes():
-                raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+            self._save_checkpoint_in_tx(job_id, owner, attempt, text, now())
+
+    def _save_checkpoint_in_tx(self, job_id, owner, attempt, text, at):
+        self.conn.execute(
+            "UPDATE jobs SET checkpoint = ?, checkpoint_at = ? WHERE id = ?"
+            " AND state = 'running' AND owner = ? AND attempts = ?",
+            (text, at, job_id, owner, attempt))
+        if not self.conn.changes():
+            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
 
     def load_checkpoint(self, job_id):
         return self.get(job_id).checkpoint
@@ -1352,6 +1400,114 @@ class Queue:
                 "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
                 " AND state = 'running' AND owner = ? AND attempts = ?",
                 (done, total, job_id, owner, attempt))
+
+    def record_runs(self, owner, records, *, events=(), claim=None, at=None):
+        """Record in one transaction what a supervisor's children reported (progress,
+        checkpoints) and how their runs ended, the supervisor's decisions (events), and claim
+        its next jobs (claim: (tasks, priorities, limit)): a group commit.
+
+        Returns ({job_id: state after, or None if its lease was lost}, [claimed Job]). Synced
+        (on a durable queue) when it holds a checkpoint or an ending: a child hears that its
+        checkpoint is saved only once this has returned."""
+        at = now() if at is None else at
+        synced = any(r.checkpoint is not None or r.ending is not None for r in records)
+        states = {}
+        with (contextlib.nullcontext() if synced else self._unsynced()), self._tx():
+            for record in records:
+                try:
+                    states[record.job_id] = self._record_run(owner, record, at)
+                except LeaseLost:
+                    states[record.job_id] = None
+            for kind, job_id, task, from_state, to_state, reason, pressure, event_at in events:
+                self._event(event_at, job_id, task, kind, from_state, to_state, reason, pressure)
+            claimed = [] if claim is None else self._claim_in_tx(owner, *claim, at)
+        return states, claimed
+
+    def _record_run(self, owner, record, at):
+        lease = (record.job_id, owner, record.attempt)
+        if record.progress is not None:
+            self.conn.execute(
+                "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
+                " AND state = 'running' AND owner = ? AND attempts = ?", (*record.progress, *lease))
+        if record.checkpoint is not None:
+            self._save_checkpoint_in_tx(*lease, record.checkpoint, at)
+        ending = record.ending
+        if ending is None:
+            return RUNNING
+        if ending.state == DONE:
+            self._complete_in_tx(*lease, ending.result, at)
+            return DONE
+        if ending.state == CANCELLED:
+            self._finish_cancelled_in_tx(*lease, at)
+            return CANCELLED
+        if ending.state == ENDING_FAILED:
+            return self._fail_in_tx(*lease, ending.reason, ending.retryable,
+                                    ending.breaker_failure, at)
+        return self._requeue(*lease, ending.reason, ending.charge, ending.preempted, False,
+                             record.pressure, at)
+
+    def cancel_requested(self, job_ids):
+        """Which of these jobs someone asked to cancel."""
+        marks = ",".join("?" * len(job_ids))
+        return [row["id"] for row in self._read(
+            f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids)]
+
+    def data_version(self):
+        """Changes whenever another connection commits to the file (PRAGMA data_version)."""
+        try:
+            return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    # -- supervisors: registration, leases, recovery --------------------------------------
+
+    def register_supervisor(self, supervisor_id, host, task_names, task_defaults):
+        """Store a supervisor's task declarations and its row (its lease on its jobs)."""
+        self.store_catalogue(task_defaults)
+        import psutil
+        started_at = psutil.Process().create_time()
+        with self._tx():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
+                " tasks) VALUES (?, ?, ?, ?, ?, ?)",
+                (supervisor_id, host, os.getpid(), started_at, now(), json.dumps(task_names)))
+
+    def unregister_supervisor(self, supervisor_id):
+        with contextlib.suppress(Error):
+            with self._tx():
+                self.conn.execute("DELETE FROM supervisors WHERE id = ?", (supervisor_id,))
+
+    def supervisor_heartbeat(self, supervisor_id, at, level, pressure, running):
+        """Renew a supervisor's lease; False if its row is gone (it was taken for dead)."""
+        with self._unsynced(), self._tx():
+            self.conn.execute(
+                "UPDATE supervisors SET heartbeat_at = ?, level = ?, pressure = ?, running = ?"
+                " WHERE id = ?", (at, level, pressure, json.dumps(running), supervisor_id))
+            return bool(self.conn.changes())
+
+    def recover_orphans(self, owner, is_alive, at):
+        """Requeue jobs whose supervisor is gone (is_alive(row, at) says). Recoveries are
+        charged, so a job that keeps killing its supervisor ends dead instead of looping.
+        One transaction: no supervisor can register and claim between the look at who is
+        alive and the requeue."""
+        recovered = []
+        with self._tx():
+            rows = _rows(self.conn.execute("SELECT * FROM supervisors"))
+            dead = {sup["id"] for sup in rows if sup["id"] != owner and not is_alive(sup, at)}
+            live = {sup["id"] for sup in rows} - dead
+            for row in _rows(self.conn.execute(
+                    "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")):
+                if row["owner"] != owner and row["owner"] not in live:
+                    state = self._requeue(row["id"], row["owner"], row["attempts"],
+                                          f"recovered: supervisor {row['owner']} is gone",
+                                          True, False, True, None, at)
+                    recovered.append((row, state))
+            for sup_id in dead:
+                self.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
+        for row, state in recovered:
+            log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
+                        row["task"], row["owner"], state)
+        return recovered
 
     def shed_due(self, *, tasks=None, at=None, pressure=None):
         """Skip every due low-priority job of a shed=True task (memory pressure)."""
@@ -1443,7 +1599,7 @@ class Queue:
         return memory
 
 
-def _first_line(text):
+def _last_line(text):
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
@@ -1894,20 +2050,27 @@ class MemoryProbe:
 # The child: a fresh process per job, or a pooled one for a few jobs in turn
 # ======================================================================================
 #
-# By default (--jobs-per-child 1) every job gets a fresh child, which exits after it: nothing
-# a job leaves behind (memory, threads, module state) reaches the next one. A fork costs the
-# supervisor about 10 ms of CPU, so with --jobs-per-child N a child that finished a job
-# cleanly waits for up to N - 1 more, handed over one at a time through a pipe (job id,
-# attempt, memory limit; the child reads the job from the database). Only a clean finish
-# reuses a child: a failure, a stop request or growth past CHILD_GROWTH_LIMIT_BYTES ends it.
+# A child never touches the database: the supervisor is the only writer of the jobs it
+# runs. It gets each job whole (row, checkpoint, memory limit) at fork or over its pipe, and
+# reports back over another pipe, a line each, which the supervisor commits for all its
+# children at once (group commit):
 #
-# Children are forked (see Supervisor.run for why). A child never uses its parent's SQLite
-# connection: it opens its own. SQLite's unix VFS keeps lock bookkeeping per process and
-# inode, and the child's new connection starts from the copy it inherited; that is sound
-# because the supervisor forks only between steps, with no transaction or statement open,
-# so the copy records no lock held. (An app thread inside SQLite at that moment breaks this:
-# the child then hangs on a copied mutex, and the start deadline ends it.) The child leaves
-# through multiprocessing's os._exit, so the inherited connection is never finalized there.
+#   supervisor -> child   J {job}       run this job next (pooled: handed over, maybe ahead)
+#                         A JOB         your last checkpoint of JOB is committed
+#                         X             drop every job handed over that you have not started
+#   child -> supervisor   S JOB TICK RSS  JOB's task starts (monotonic tick, RSS at start)
+#                         P JOB [done, total]   progress (the newest per commit is kept)
+#                         C JOB {state}        a checkpoint: the child waits for A JOB
+#                         R JOB NEXT {result}  JOB returned; NEXT 1: the child takes another
+#                         F JOB KIND "error"   JOB raised (KIND: error or permanent)
+#                         D [JOB, ...]         dropped on X, never started
+#
+# By default (--jobs-per-child 1) every job gets a fresh child, which exits after it: nothing
+# a job leaves behind (memory, threads, module state) reaches the next one. With
+# --jobs-per-child N a child that finished a job cleanly takes up to N - 1 more. Only a
+# clean finish reuses a child: a failure, a stop request or growth past
+# CHILD_GROWTH_LIMIT_BYTES ends it. Children are forked (see Supervisor.run for why); since
+# a child no longer opens the file, what it inherits of SQLite's state is never used.
 
 # RLIMIT_DATA, not RLIMIT_AS. Measured here under a 400 MiB limit: with RLIMIT_AS a child
 # could not start its 7th thread while using 30 MiB (each thread reserves a 64 MiB glibc
@@ -1918,34 +2081,21 @@ class MemoryProbe:
 # inherited from the supervisor at fork, so a large app import does not eat a job's budget.
 MEMORY_RLIMIT = "RLIMIT_DATA"
 
+# The pipe protocol's tags (see above).
+SAY_STARTED, SAY_PROGRESS, SAY_CHECKPOINT, SAY_RESULT, SAY_FAILED, SAY_DROPPED = (
+    b"S", b"P", b"C", b"R", b"F", b"D")
+TELL_JOB, TELL_ACK, TELL_DROP = b"J", b"A", b"X"
+FAILED_ERROR, FAILED_PERMANENT = "error", "permanent"     # the KIND of an F line
+
 
 class ChildSpec:
-    """What every child of a supervisor needs, set before the first fork: how to reopen the
-    queue, and what a pooled child may claim for itself."""
+    """What every child of a supervisor needs, set before the first fork."""
 
-    __slots__ = ("path", "durable", "busy_timeout_s", "breaker_policy", "parent_pid", "prctl",
-                 "owner", "tasks", "jobs_per_child", "memory_limit_bytes", "claimable")
+    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child")
 
-    def __init__(self, supervisor, prctl, claimable):
-        queue = supervisor.queue
-        self.path, self.durable = queue.path, queue.durable
-        self.busy_timeout_s, self.breaker_policy = queue.busy_timeout_s, queue.breaker_policy
-        self.parent_pid, self.prctl = os.getpid(), prctl
-        self.owner, self.tasks = supervisor.id, supervisor.tasks
-        self.jobs_per_child = supervisor.jobs_per_child
-        self.memory_limit_bytes = supervisor.memory_limit_bytes     # for jobs without their own
-        # Shared memory the supervisor writes and pooled children read: a bit per priority a
-        # child may claim for itself next (the memory level's START_PRIORITIES); 0 when
-        # stopping. The decision stays the supervisor's; children only read it.
-        self.claimable = claimable
-
-
-def claimable_mask(priorities):
-    return sum(1 << p for p in priorities)
-
-
-def mask_priorities(mask):
-    return tuple(p for p in PRIORITY_NAMES if mask & (1 << p))
+    def __init__(self, parent_pid, prctl, tasks, jobs_per_child):
+        self.parent_pid, self.prctl = parent_pid, prctl
+        self.tasks, self.jobs_per_child = tasks, jobs_per_child
 
 
 def _die_with_parent(spec):
@@ -2015,60 +2165,139 @@ class _ChildSignals:
             raise StopRequested()
 
 
-def _child_main(spec, job, memory_limit_bytes, channel, jobs_r):
-    """Entry point of a child. It runs `job`. A pooled child (jobs_r not None) then goes on,
-    up to spec.jobs_per_child jobs: it completes a job and claims its next one in one
-    commit, or, with nothing to claim, waits for the supervisor to hand one over on jobs_r.
-    On `channel` it tells the supervisor, a line each: "1" a job's task started (past every
-    lock copied by the fork), "2 TIME" the job was recorded done then and the child waits,
-    "3 JOB" the job is done and the child runs JOB (the JSON of its row's watched fields).
-    Any other end of a job ends the child, which the supervisor then replaces: a failure, a
-    stop request, growth, or something the job left running."""
+class _ParentLink:
+    """The child's two pipes to its supervisor: lines out, lines in (see the protocol above).
+    Jobs handed over ahead of time wait here until the child is free for them."""
+
+    def __init__(self, to_parent, from_parent):
+        self.to_parent, self.from_parent = to_parent, from_parent
+        self.pending = b""           # read, not yet a whole line
+        self.handed = []             # jobs handed over, not started: (Job, memory limit)
+        self.acked = set()           # job ids whose last checkpoint is committed
+
+    def say(self, tag, *fields):
+        line = b" ".join([tag, *(f if isinstance(f, bytes) else str(f).encode()
+                                 for f in fields)]) + b"\n"
+        view = memoryview(line)
+        while view:                   # a 1 MiB result does not fit a pipe in one write
+            view = view[os.write(self.to_parent, view):]
+
+    def _read_line(self):
+        """The next line from the supervisor, blocking; None at end of file."""
+        while b"\n" not in self.pending:
+            chunk = os.read(self.from_parent, 1 << 16)
+            if not chunk:
+                return None
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line
+
+    def _take(self, line):
+        tag, _, rest = line.partition(b" ")
+        if tag == TELL_ACK:
+            self.acked.add(int(rest))
+        elif tag == TELL_JOB:
+            order = json.loads(rest)
+            self.handed.append((Job.from_fields(order["job"]), order["memory_limit_bytes"]))
+        elif tag == TELL_DROP:
+            dropped, self.handed = [job.id for job, _ in self.handed], []
+            self.say(SAY_DROPPED, json.dumps(dropped).encode())
+
+    def wait_ack(self, job_id):
+        """Block until the supervisor says job_id's checkpoint is committed."""
+        while job_id not in self.acked:
+            line = self._read_line()
+            if line is None:          # the supervisor is gone: nothing was confirmed
+                os._exit(1)
+            self._take(line)
+        self.acked.discard(job_id)
+
+    def next_job(self, signals):
+        """The next job handed over: (Job, memory limit), waiting for one if need be; (None,
+        None) when the supervisor lets this child go. A stop asked meanwhile ends it."""
+        while not self.handed:
+            signals.idle = True
+            if signals.asked:
+                raise StopRequested()
+            line = self._read_line()
+            signals.idle = False
+            if line is None:
+                return None, None
+            self._take(line)
+        return self.handed.pop(0)
+
+
+class _PipeReporter:
+    """Where a task's checkpoints and progress go in a child: to the supervisor."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def save(self, job, text):
+        self.link.say(SAY_CHECKPOINT, job.id, text.encode())
+        self.link.wait_ack(job.id)
+
+    def progress(self, job, done, total):
+        self.link.say(SAY_PROGRESS, job.id, json.dumps([done, total]).encode())
+
+
+def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent):
+    """Entry point of a child: run `job`, then (pooled) the jobs handed over after it, up to
+    spec.jobs_per_child, reporting each on to_parent. Any end of a job other than a clean
+    return ends the child, which the supervisor then replaces."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
     signals = _ChildSignals()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, signals.handle)
     _die_with_parent(spec)
     os.setpgid(0, 0)          # its own process group: a kill takes the programs it started too
-    pooled = jobs_r is not None
+    pooled = spec.jobs_per_child > 1
     _limit_memory(memory_limit_bytes, hard=not pooled)
-    queue = Queue(spec.path, durable=spec.durable, busy_timeout=spec.busy_timeout_s,
-                  breaker=spec.breaker_policy, _checked=True)
+    link = _ParentLink(to_parent, from_parent)
     forked_bytes = process_rss_bytes(os.getpid()) or 0
     try:
-        say_started = channel          # None for a job it claimed itself: "3" said so
         for number in range(1, spec.jobs_per_child + 1):
-            outcome = _run_job(queue, job, spec, memory_limit_bytes, signals, say_started)
-            if outcome is None:
+            returned, text = _run_job(job, spec, link, signals, memory_limit_bytes)
+            if not returned:
                 return
-            reuse = (pooled and number < spec.jobs_per_child and not signals.asked
-                     and _fit_for_another(forked_bytes))
-            following = _record_done(queue, job, spec, outcome, reuse, signals)
-            if not reuse or following is False:
+            another = (pooled and number < spec.jobs_per_child and not signals.asked
+                       and _fit_for_another(forked_bytes))
+            link.say(SAY_RESULT, job.id, int(another), text.encode())
+            if not another:
                 return
-            say_started = None if following is not None else channel
-            if following is None:
-                os.write(channel, f"2 {now()!r}\n".encode())
-                job, memory_limit_bytes = _next_job(queue, jobs_r, spec.owner, signals)
-                if job is None:
-                    return
-            else:
-                os.write(channel, b"3 " + _watched(following).encode() + b"\n")
-                job = following
-                memory_limit_bytes = job.memory_limit_bytes or spec.memory_limit_bytes
+            job, memory_limit_bytes = link.next_job(signals)
+            if job is None:
+                return
             _limit_memory(memory_limit_bytes, hard=False)
     except StopRequested:
         sys.exit(EXIT_CHILD_STOPPED)
 
 
-def _watched(job):
-    """The fields of a job the supervisor watches while it runs, as JSON (a Job row), with
-    this child's RSS as the job starts: the base its memory limit is measured from."""
-    fields = {name: getattr(job, name) for name in (
-        "id", "task", "state", "attempts", "max_attempts", "timeout_s", "memory_limit_bytes",
-        "preemptions", "started_at", "owner")}
-    return json.dumps({**fields, "priority": job.priority_value,
-                       "rss_bytes": process_rss_bytes(os.getpid()) or 0})
+def _run_job(job, spec, link, signals, memory_limit_bytes):
+    """Run one job's task. Returns (True, result as JSON) when it returned; (False, None)
+    when it raised, after saying so."""
+    import traceback
+    ctx = signals.ctx = Context(None, job, None, reporter=_PipeReporter(link))
+    if signals.asked:
+        ctx.ask_stop()
+    link.say(SAY_STARTED, job.id, repr(time.monotonic()), process_rss_bytes(os.getpid()) or 0)
+    kind = FAILED_ERROR
+    try:
+        result = _call_task(spec.tasks[job.task].fn, ctx, job.payload)
+        return True, dumps_json(result, "result")
+    except BadPayload as exc:
+        error = f"task returned a result that is not JSON: {exc}"
+    except Permanent as exc:
+        kind, error = FAILED_PERMANENT, f"permanent failure: {exc}"
+    except MemoryError:
+        error = (f"memory limit exceeded: MemoryError under the "
+                 f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}")
+    except Exception:
+        error = traceback.format_exc()
+    finally:
+        signals.ctx = None
+    link.say(SAY_FAILED, job.id, kind, json.dumps(error.rstrip()).encode())
+    return False, None
 
 
 def _fit_for_another(forked_bytes):
@@ -2078,101 +2307,6 @@ def _fit_for_another(forked_bytes):
     threading = sys.modules.get("threading")
     return (grown <= CHILD_GROWTH_LIMIT_BYTES and len(process_tree(os.getpid())) == 1
             and (threading is None or threading.active_count() == 1))
-
-
-def _record_done(queue, job, spec, outcome, reuse, signals):
-    """Record a job done. With reuse, and a priority the supervisor lets children claim,
-    claim the next job in the same commit. Returns that Job, None, or False if the job
-    could not be recorded done (its failure recorded instead, or the lease lost)."""
-    (result,) = outcome
-
-    def record():
-        # The mask is read at each try: a wait for a full disk may outlast a level change.
-        priorities = mask_priorities(spec.claimable.value) if reuse else ()
-        if priorities:
-            return queue.complete_and_claim(job.id, spec.owner, job.attempts, result,
-                                            tasks=spec.tasks, priorities=priorities,
-                                            pid=os.getpid())
-        queue.complete(job.id, spec.owner, job.attempts, result)
-        return None
-    try:
-        return _written(signals, record)
-    except BadPayload as exc:
-        _record_failure(queue, job, spec.owner, f"task returned a result that is not JSON: "
-                        f"{exc}", signals)
-    except LeaseLost:
-        pass
-    return False
-
-
-def _run_job(queue, job, spec, memory_limit_bytes, signals, say_started):
-    """Run one job's task, first saying "1" on `say_started` (unless None). Returns (result,)
-    when it returned; None when it ended otherwise (its failure recorded, or its lease lost)."""
-    import traceback
-    ctx = signals.ctx = Context(queue, job, spec.owner)
-    if signals.asked:
-        ctx.ask_stop()
-    if say_started is not None:
-        os.write(say_started, b"1\n")
-    try:
-        return (_call_task(spec.tasks[job.task].fn, ctx, job.payload),)
-    except LeaseLost:
-        return None                                  # someone else owns the job now
-    except DatabaseUnusable as exc:
-        if not exc.waitable:
-            raise
-        # ctx.save() met a busy or full file: not the task's fault. The supervisor requeues
-        # the job uncharged once it can write again.
-        sys.exit(EXIT_CHILD_DB_WAIT)
-    except MemoryError:
-        _record_failure(queue, job, spec.owner, f"memory limit exceeded: MemoryError under the "
-                        f"{format_bytes(memory_limit_bytes)} limit\n{traceback.format_exc()}",
-                        signals)
-    except Exception:
-        _record_failure(queue, job, spec.owner, traceback.format_exc(), signals)
-    finally:
-        signals.ctx = None
-    return None
-
-
-def _written(signals, write, *args, **kwargs):
-    """write(*args), waiting out a busy or full database as the supervisor does: the job's
-    work is done and its outcome is worth keeping. A stop request ends the wait; the job is
-    then requeued uncharged and runs again."""
-    while True:
-        try:
-            return write(*args, **kwargs)
-        except DatabaseUnusable as exc:
-            if not exc.waitable:
-                raise
-            if signals.asked:
-                sys.exit(EXIT_CHILD_DB_WAIT)
-            time.sleep(0.5)
-
-
-def _next_job(queue, jobs_r, owner, signals):
-    """Wait for the supervisor to hand over another job: (Job, memory limit in bytes), or
-    (None, None) when it lets the child go (end of file) or the lease is not ours."""
-    signals.idle = True
-    if signals.asked:
-        raise StopRequested()
-    message = b""
-    while not message.endswith(b"\n"):
-        chunk = os.read(jobs_r, 64)
-        if not chunk:
-            return None, None
-        message += chunk
-    signals.idle = False
-    job_id, attempts, limit_bytes = (int(field) for field in message.split())
-    job = _written(signals, queue.get, job_id)
-    if (job.state, job.owner, job.attempts) != (RUNNING, owner, attempts):
-        return None, None
-    return job, limit_bytes
-
-
-def _record_failure(queue, job, owner, error, signals):
-    with contextlib.suppress(LeaseLost):
-        _written(signals, queue.fail, job.id, owner, job.attempts, error.rstrip())
 
 
 # ======================================================================================
@@ -2249,141 +2383,465 @@ def builtin_tasks(queue, demos=False):
 
 
 # ======================================================================================
-# Supervisor
+# Supervisor: its options, the decisions it takes (pure), the child pool, and the loop
 # ======================================================================================
 
-def supervisor_options(slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
-                       thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
-                       jobs_per_child=1):
-    """The supervisor's options, validated (BadInput otherwise) and in units."""
-    return {
-        "slots": parse_positive_int(slots, "slots"),
-        "jobs_per_child": parse_positive_int(jobs_per_child, "jobs_per_child"),
-        "memory_limit_bytes": parse_size(memory_limit, "memory_limit"),
-        "memory_budget_bytes": (None if memory_budget is None
-                                else parse_size(memory_budget, "memory_budget")),
-        "poll_s": parse_duration(poll, "poll", allow_zero=False),
-        "tracker": LevelTracker(thresholds, margin, parse_duration(hold, "hold")),
-        "grace_s": parse_duration(grace, "grace"),
-        "keep_s": None if keep is None else parse_duration(keep, "keep"),
-    }
+# Why a run is stopped, as the supervisor decides it and the job's events record it.
+STOP_PREEMPT, STOP_EMERGENCY, STOP_SHUTDOWN, STOP_CANCEL = (
+    "preempt", "emergency", "shutdown", "cancel")
+STOP_TIMEOUT, STOP_MEMORY, STOP_START = "timeout", "memory", "start"
+STOPPING_FOR_MEMORY = (STOP_PREEMPT, STOP_EMERGENCY)
+FAILING_STOPS = (STOP_TIMEOUT, STOP_MEMORY, STOP_START)      # the job's own fault: a failure
+# A pooled child whose last job ran under AHEAD_RUN_S is handed up to AHEAD_JOBS more jobs
+# ahead of time, so it goes from one to the next without waiting for the supervisor's
+# commit; a child with longer jobs gets one at a time (nothing waits behind a long job).
+AHEAD_JOBS, AHEAD_RUN_S = 4, 0.05
+
+
+class SupervisorOptions:
+    """A supervisor's options, checked once (BadInput otherwise) and in units: `serve`
+    builds them before it opens the file, and the Supervisor uses them as they are."""
+
+    __slots__ = ("slots", "jobs_per_child", "memory_limit_bytes", "memory_budget_bytes",
+                 "poll_s", "thresholds", "margin", "hold_s", "grace_s", "keep_s", "burst",
+                 "notice_s", "start_deadline_s")
+
+    def __init__(self, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
+                 thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
+                 jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S):
+        self.slots = parse_positive_int(slots, "--slots")
+        self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
+        self.memory_limit_bytes = parse_size(memory_limit, "--memory-limit")
+        self.memory_budget_bytes = (None if memory_budget is None
+                                    else parse_size(memory_budget, "--memory-budget"))
+        self.poll_s = parse_duration(poll, "--poll", allow_zero=False)
+        tracker = LevelTracker(thresholds, margin, parse_duration(hold, "--hold"))
+        self.thresholds, self.margin, self.hold_s = tracker.thresholds, tracker.margin, tracker.hold_s
+        self.grace_s = parse_duration(grace, "--grace")
+        self.keep_s = None if keep is None else parse_duration(keep, "--keep")
+        self.burst = bool(burst)
+        self.notice_s = parse_duration(notice, "notice", allow_zero=False)
+        self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
+
+    def level_tracker(self):
+        return LevelTracker(self.thresholds, self.margin, self.hold_s)
+
+
+def supervisor_options(**options):
+    """SupervisorOptions from keyword arguments (kept for callers of the first version)."""
+    return SupervisorOptions(**options)
+
+
+# -- decisions: pure functions of plain values, each tested alone -----------------------
+
+def claimable_priorities(level, stopping):
+    """The priorities a supervisor may start now: those its memory level lets start, none
+    once it is stopping."""
+    return () if stopping else START_PRIORITIES[level]
+
+
+class RunFacts:
+    """What the limit and ending decisions need to know of one run."""
+
+    __slots__ = ("own_bytes", "limit_bytes", "started", "age_s", "timeout_s", "stop_reason",
+                 "detail", "kill_at_tick", "killed")
+
+    def __init__(self, own_bytes=0, limit_bytes=DEFAULT_MEMORY_LIMIT_BYTES, started=True,
+                 age_s=0.0, timeout_s=None, stop_reason=None, detail=None, kill_at_tick=None,
+                 killed=False):
+        self.own_bytes, self.limit_bytes, self.started = own_bytes, limit_bytes, started
+        self.age_s, self.timeout_s = age_s, timeout_s
+        self.stop_reason, self.detail = stop_reason, detail
+        self.kill_at_tick, self.killed = kill_at_tick, killed
+
+
+class Verdict:
+    """A stop that a run's limits call for: SIGKILL now ("kill"), or SIGTERM now and SIGKILL
+    at kill_at_tick ("term"); with the reason and the words the job's error will carry."""
+
+    __slots__ = ("action", "reason", "detail", "kill_at_tick")
+
+    def __init__(self, action, reason, detail, kill_at_tick=None):
+        self.action, self.reason, self.detail = action, reason, detail
+        self.kill_at_tick = kill_at_tick
+
+    def __repr__(self):
+        return f"Verdict({self.action}, {self.reason}, {self.detail!r}, {self.kill_at_tick})"
+
+
+def limits_verdict(run, tick, *, grace_s, start_deadline_s):
+    """What a run's limits call for at `tick`, or None. Its memory first (over the limit:
+    killed, and that is why it ends, unless it was being cancelled), then a child that never
+    started its task (hung after fork), then its timeout (SIGTERM lets the task stop at a
+    checkpoint, kept for its retry; SIGKILL after a short grace), then a stop asked earlier
+    whose grace ran out (killed, keeping the reason it was asked for)."""
+    if run.killed:
+        return None
+    if run.own_bytes > run.limit_bytes:
+        reason = STOP_CANCEL if run.stop_reason == STOP_CANCEL else STOP_MEMORY
+        return Verdict("kill", reason, f"memory limit exceeded: "
+                       f"{format_bytes(run.own_bytes)} > {format_bytes(run.limit_bytes)}")
+    if not run.started and run.age_s > start_deadline_s:
+        return Verdict("kill", STOP_START, f"the child did not start within "
+                       f"{start_deadline_s:g}s: it hung after fork (another thread of the "
+                       f"supervisor held a lock then; an --app that starts threads at import "
+                       f"does this)")
+    if run.timeout_s is not None and run.stop_reason is None and run.age_s > run.timeout_s:
+        return Verdict("term", STOP_TIMEOUT, f"timeout after {run.timeout_s:g}s",
+                       tick + min(grace_s, 5.0))
+    if run.kill_at_tick is not None and tick >= run.kill_at_tick:
+        return Verdict("kill", run.stop_reason, f"{run.detail}: no checkpoint within the grace")
+    return None
+
+
+def shutdown_stops(runs, *, stop_now):
+    """At shutdown, for each (job_id, stop_reason) running: "kill" (a second signal: now),
+    "ask" (the first: stop at the next checkpoint) or None (already being stopped)."""
+    if stop_now:
+        return {job_id: "kill" for job_id, _ in runs}
+    return {job_id: "ask" if reason in (None, STOP_PREEMPT) else None for job_id, reason in runs}
+
+
+class Ending:
+    """What an ended run becomes, for the queue to record: done (with its result), failed
+    (retried while attempts remain, or dead), requeued (charged an attempt or not) or
+    cancelled."""
+
+    __slots__ = ("state", "reason", "result", "retryable", "breaker_failure", "charge",
+                 "preempted")
+    FAILED, REQUEUED = "failed", "requeued"
+
+    def __init__(self, state, reason=None, *, result=None, retryable=True,
+                 breaker_failure=True, charge=False, preempted=False):
+        self.state, self.reason, self.result = state, reason, result
+        self.retryable, self.breaker_failure = retryable, breaker_failure
+        self.charge, self.preempted = charge, preempted
+
+    def __repr__(self):
+        return (f"Ending({self.state}, {self.reason!r}, retryable={self.retryable}, "
+                f"breaker_failure={self.breaker_failure}, charge={self.charge})")
+
+    def __eq__(self, other):
+        return isinstance(other, Ending) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+
+def run_ending(reported, *, current, stop_reason, detail, exit_code, saved):
+    """What a run that ended becomes. Pure.
+
+    reported: what its child said of it: ("done", result JSON), ("failed", kind, error) or
+    None. current: it was its child's job when the child ended (not one handed over ahead
+    and never started). saved: it saved a checkpoint in this run (not an earlier one)."""
+    if reported is not None and reported[0] == DONE:
+        return Ending(DONE, result=reported[1])          # it returned: done, whatever was asked
+    if stop_reason == STOP_CANCEL:
+        return Ending(CANCELLED, "cancelled")             # never a failure, however it ended
+    if reported is not None:
+        permanent = reported[1] == FAILED_PERMANENT
+        return Ending(Ending.FAILED, reported[2], retryable=not permanent,
+                      breaker_failure=not permanent)
+    if not current:
+        return Ending(Ending.REQUEUED, detail or "handed back before it started")
+    if stop_reason is None and exit_code in (EXIT_CHILD_STOPPED, -signal.SIGTERM):
+        # Stopped by a signal from outside (systemd's SIGTERM to the whole group reached the
+        # child before our own stop request): a shutdown, not a failure of the job.
+        stop_reason, detail = STOP_SHUTDOWN, "stopped by SIGTERM from outside"
+    if stop_reason in (*STOPPING_FOR_MEMORY, STOP_SHUTDOWN):
+        charge = stop_reason in STOPPING_FOR_MEMORY and not saved
+        why = detail if not charge else (
+            f"memory pressure: {detail}, stopped before saving a checkpoint")
+        return Ending(Ending.REQUEUED, why, charge=charge,
+                      preempted=stop_reason in STOPPING_FOR_MEMORY)
+    if stop_reason in FAILING_STOPS:
+        return Ending(Ending.FAILED, detail)
+    if exit_code is not None and exit_code < 0:
+        return Ending(Ending.FAILED, f"killed by signal {-exit_code}")
+    return Ending(Ending.FAILED, f"child exited with code {exit_code} without recording a result")
+
+
+def ahead_wanted(last_run_s, handed_ahead, capacity_left):
+    """How many more jobs to hand a busy pooled child ahead of time."""
+    if last_run_s is None or last_run_s >= AHEAD_RUN_S:
+        return 0
+    return max(0, min(AHEAD_JOBS, capacity_left) - handed_ahead)
+
+
+# -- the mechanism: children, their pipes, and what they say ---------------------------
+
+class _Run:
+    """A job handed to a child, as the supervisor tracks it until its ending is committed."""
+
+    __slots__ = ("job", "child", "memory_limit_bytes", "handed_tick", "started_tick",
+                 "baseline_bytes", "stop_reason", "detail", "kill_at_tick", "killed",
+                 "rss_bytes", "saved", "checkpoint", "ack_owed", "progress", "reported",
+                 "ending", "lease_lost")
+
+    def __init__(self, job, child, memory_limit_bytes, handed_tick, baseline_bytes=0):
+        self.job, self.child, self.memory_limit_bytes = job, child, memory_limit_bytes
+        self.handed_tick = handed_tick
+        self.started_tick = None    # monotonic, from the child's S line: timeouts count from it
+        # What the child held when it started the job (its fork, or earlier jobs): counted by
+        # the rlimit's base, not against the job.
+        self.baseline_bytes = baseline_bytes
+        self.stop_reason = None     # one of the STOP_* reasons, once a stop is decided
+        self.detail = None          # the figures behind a stop, for the job's error
+        self.kill_at_tick = None    # SIGKILL then if still alive
+        self.killed = False         # SIGKILL sent
+        self.rss_bytes = 0
+        self.saved = False          # a checkpoint was reported in this run
+        self.checkpoint = None      # the newest checkpoint (JSON) not yet committed
+        self.ack_owed = False       # the child waits to hear that it is committed
+        self.progress = None        # the newest progress not yet committed
+        self.reported = None        # ("done", result) or ("failed", kind, error)
+        self.ending = None          # decided: an Ending to commit
+        self.lease_lost = False     # the file says another owner has it now
+
+    def facts(self, tick):
+        started_tick = self.started_tick if self.started_tick is not None else self.handed_tick
+        return RunFacts(self.rss_bytes - self.baseline_bytes, self.memory_limit_bytes,
+                        self.started_tick is not None, tick - started_tick, self.job.timeout_s,
+                        self.stop_reason, self.detail, self.kill_at_tick, self.killed)
+
+    def view(self):
+        return RunningView(self.job.id, self.job.priority_value, self.rss_bytes,
+                           self.started_tick or self.handed_tick, self.stop_reason,
+                           self.job.preemptions)
 
 
 class _Child:
-    """A child process as the supervisor tracks it, across the jobs it runs."""
+    """A child process as the pool tracks it, across the jobs it runs."""
 
-    __slots__ = ("process", "channel", "jobs_w", "reaped", "idle_since", "run", "inbox",
-                 "partial", "channel_eof")
+    __slots__ = ("process", "from_child", "to_child", "runs", "partial", "outbox", "eof",
+                 "reaped", "idle_since_tick", "handed", "last_run_s", "dropping", "done",
+                 "retired")
 
-    def __init__(self, process, channel, jobs_w):
+    def __init__(self, process, from_child, to_child):
         self.process = process
-        self.channel = channel      # read end of what it says (see _child_main), a line each
-        self.jobs_w = jobs_w        # write end for handing over the next job; None if unpooled
-        self.reaped = False         # waited for: its pid may be reused from then on
-        self.idle_since = None      # tick since it waits for a job
-        self.run = None             # the _Run of the job it runs now
-        self.inbox = []             # lines read, not yet acted on
-        self.partial = b""          # the start of a line not yet read whole
-        self.channel_eof = False    # its end of the pipe is closed
+        self.from_child = from_child    # read end of what it says, a line each
+        self.to_child = to_child        # write end of what we tell it
+        self.runs = []                  # handed over, not finished; runs[0] is its job now
+        self.partial = b""              # the start of a line not yet read whole
+        self.outbox = b""               # told, not yet written (its pipe was full)
+        self.eof = False                # its end of the pipe is closed
+        self.reaped = False             # waited for: its pid may be reused from then on
+        self.idle_since_tick = None     # waiting for a job since then
+        self.handed = 0                 # jobs handed to it in all
+        self.last_run_s = None          # how long its last job ran
+        self.dropping = False           # told X; its D answer is awaited
+        self.done = False               # said it takes no more jobs
+        self.retired = False            # let go: SIGTERM sent
 
     @property
     def pid(self):
         return self.process.pid
 
-    def close(self):
-        self.process.close()
-        for fd in (self.channel, self.jobs_w):
-            if fd is not None:
-                os.close(fd)
-
-
-class _Run:
-    """A job running in a child, as the supervisor tracks it."""
-
-    __slots__ = ("job", "child", "started_at", "started_tick", "memory_limit_bytes",
-                 "stop_reason", "kill_at", "rss_bytes", "detail", "baseline_bytes", "started",
-                 "killed")
-
-    def __init__(self, job, child, started_at, started_tick, memory_limit_bytes,
-                 baseline_bytes):
-        self.job, self.child, self.started_at = job, child, started_at
-        self.started_tick = started_tick        # monotonic: timeouts and the start deadline
-        self.memory_limit_bytes = memory_limit_bytes
-        # What the child held when it got the job (from the fork, or from earlier jobs):
-        # counted by the rlimit's base, not against the job.
-        self.baseline_bytes = baseline_bytes
-        self.started = False        # the child said its task started (b"1")
-        self.stop_reason = None     # preempt, emergency, shutdown, cancel, timeout, memory,
-                                    # start (hung before the task began), database
-        self.killed = False         # SIGKILL sent
-        self.kill_at = None         # SIGKILL at this tick (monotonic) if still alive
-        self.rss_bytes = 0
-        self.detail = None          # the figures behind a kill, for the job's error
-
     @property
-    def process(self):
-        return self.child.process
+    def current(self):
+        return self.runs[0] if self.runs else None
 
-    def view(self):
-        return RunningView(self.job.id, self.job.priority_value, self.rss_bytes,
-                           self.started_at, self.stop_reason, self.job.preemptions)
+
+class ChildPool:
+    """The mechanism: fork children, hand them jobs, read what they say, acknowledge, reap,
+    retire and kill. It decides nothing: the Supervisor tells it what to do."""
+
+    def __init__(self, spec, mp):
+        self.spec, self.mp = spec, mp
+        self.children = []              # not yet reaped
+
+    def fork(self, run, tick):
+        """A new child for run's job."""
+        from_child, to_parent = os.pipe()
+        from_parent, to_child = os.pipe()
+        process = self.mp.Process(target=_child_main, name=f"litequeue-job-{run.job.id}",
+                                  args=(self.spec, run.job, run.memory_limit_bytes,
+                                        to_parent, from_parent))
+        try:
+            process.start()
+        except BaseException:
+            os.close(from_child)
+            os.close(to_child)
+            raise
+        finally:
+            os.close(to_parent)
+            os.close(from_parent)
+        os.set_blocking(from_child, False)
+        os.set_blocking(to_child, False)
+        with contextlib.suppress(OSError):        # also set in the child: whichever runs first
+            os.setpgid(process.pid, process.pid)
+        child = _Child(process, from_child, to_child)
+        child.handed, child.runs, run.child = 1, [run], child
+        self.children.append(child)
+        return child
+
+    def hand(self, child, run):
+        """Give run's job to a pooled child: now if it waits, else after its current ones."""
+        order = {"job": run.job.to_fields(), "memory_limit_bytes": run.memory_limit_bytes}
+        self._tell(child, TELL_JOB + b" " + json.dumps(order).encode())
+        child.runs.append(run)
+        child.handed += 1
+        child.idle_since_tick = None
+        run.child = child
+
+    def ack(self, run):
+        self._tell(run.child, TELL_ACK + b" " + str(run.job.id).encode())
+
+    def drop_ahead(self, child):
+        """Ask a child to give back the jobs it was handed and has not started."""
+        if not child.dropping and len(child.runs) > 1:
+            child.dropping = True
+            self._tell(child, TELL_DROP)
+
+    def _tell(self, child, line):
+        child.outbox += line + b"\n"
+        self.flush(child)
+
+    def flush(self, child):
+        while child.outbox and not child.reaped:
+            try:
+                child.outbox = child.outbox[os.write(child.to_child, child.outbox):]
+            except BlockingIOError:
+                return                  # its pipe is full: the rest goes at a later step
+            except (BrokenPipeError, OSError):
+                child.outbox = b""      # it is gone; reaping settles what it held
+
+    def flush_all(self):
+        for child in self.children:
+            if child.outbox:
+                self.flush(child)
+
+    def read(self, on_line):
+        """Everything children said since the last read, in order: on_line(child, tag, rest)."""
+        for child in list(self.children):
+            data = self._read_all(child)
+            if not data:
+                continue
+            *lines, child.partial = (child.partial + data).split(b"\n")
+            for line in lines:
+                tag, _, rest = line.partition(b" ")
+                on_line(child, tag, rest)
+
+    @staticmethod
+    def _read_all(child):
+        """All that is in a child's pipe now. An end of file while it lives (a task closed the
+        fds it inherited) marks the pipe finished, so the loop does not wake on it forever."""
+        data = b""
+        while not child.eof:
+            try:
+                chunk = os.read(child.from_child, 1 << 16)
+            except BlockingIOError:
+                break
+            child.eof = not chunk
+            data += chunk
+        return data
+
+    def ended(self):
+        """Children that have exited, looked at without reaping them."""
+        return [child for child in self.children if child.reaped or _has_exited(child.pid)]
+
+    def reap(self, child):
+        """Wait for an ended child, after killing whatever it started and left behind (it is
+        a zombie until then, so its pid and group id cannot have been reused). Returns its
+        exit code (negative: the signal that killed it)."""
+        if not child.reaped:
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.process.join()
+            child.reaped = True
+        self.children.remove(child)
+        code = child.process.exitcode
+        child.process.close()
+        for fd in (child.from_child, child.to_child):
+            os.close(fd)
+        return code
+
+    def idle(self):
+        return [child for child in self.children
+                if not child.runs and not child.retired and not child.done]
+
+    def retire(self, child):
+        """Let an idle child go: SIGTERM ends a child waiting for a job at once."""
+        child.retired = True
+        self.signal(child, signal.SIGTERM)
+
+    @staticmethod
+    def signal(child, signum):
+        if child.reaped:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if signum == signal.SIGKILL:
+                os.killpg(child.pid, signum)           # the job and what it started
+            os.kill(child.pid, signum)
+
+    def waitables(self, with_pipes):
+        """What to wait on: every child's exit, and (with_pipes) what they say."""
+        ready = [child.process.sentinel for child in self.children if not child.reaped]
+        if with_pipes:
+            ready += [child.from_child for child in self.children if not child.eof]
+        return ready
 
 
 class Supervisor:
     """Runs jobs from a queue, each in its own child under rlimits, at most `slots` at once,
     deciding job by job from memory pressure whether to run, skip or preempt.
 
-    step() does one round and returns when it next needs to run; run() loops it until
-    SIGTERM/SIGINT (or, with burst=True, until nothing is running or due)."""
+    step() does one round (observe, decide, act) and returns when it next needs to run;
+    run() loops it until SIGTERM/SIGINT (or, with burst=True, until nothing runs or is due)."""
 
-    def __init__(self, queue, *, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
-                 thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
-                 jobs_per_child=1, burst=False, tasks=None, probe=None, notice=0.01,
-                 start_deadline=CHILD_START_DEADLINE_S):
+    def __init__(self, queue, options=None, *, tasks=None, probe=None, **option_values):
+        if options is not None and option_values:
+            raise BadInput("give a Supervisor its options or option values, not both")
         self.queue = queue
-        options = supervisor_options(slots, memory_limit, memory_budget, poll, thresholds,
-                                     margin, hold, grace, keep, jobs_per_child)
-        self.slots, self.memory_limit_bytes = options["slots"], options["memory_limit_bytes"]
-        self.jobs_per_child = options["jobs_per_child"]
-        self.probe = probe or MemoryProbe(options["memory_budget_bytes"])
-        self.poll_s, self.tracker = options["poll_s"], options["tracker"]
-        self.grace_s, self.keep_s = options["grace_s"], options["keep_s"]
-        self.burst = burst
-        self.notice_s = notice
-        self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
+        self.options = options if options is not None else SupervisorOptions(**option_values)
+        self.tracker = self.options.level_tracker()
+        self.probe = probe or MemoryProbe()
+        budget = self.options.memory_budget_bytes
+        if budget is not None:
+            if self.probe.budget_bytes not in (None, budget):
+                raise BadInput(f"--memory-budget {format_bytes(budget)} and the probe's budget "
+                               f"{format_bytes(self.probe.budget_bytes)} disagree")
+            self.probe.budget_bytes = budget
         self.tasks = dict(tasks if tasks is not None else queue.registry)
         self.tasks.setdefault("heartbeat", builtin_tasks(queue)["heartbeat"])
         self.id = f"{os.uname().nodename}:{os.getpid()}:{random.randrange(1 << 32):08x}"
         self.host = host_identity()
         self.pressure = None
-        self._runs = {}
-        self._idle = []             # pooled children waiting for a job
-        self._retiring = []         # children let go, not yet reaped
+        self.pool = None                # a ChildPool, made by start()
+        self._runs = {}                 # job id -> _Run, from its claim to its ending committed
+        self._events = []               # decisions to record with the next commit
         self._stopping = self._stop_now = self._finished = False
-        self._next_poll_at = self._next_heartbeat_at = self._next_purge_at = 0.0
+        self._next_poll_tick = self._next_heartbeat_tick = self._next_purge_tick = 0.0
         self._data_version = None
-        self._watch_busy_until = self._quiet_until = self._channels_read_at = 0.0
+        self._watch_busy_until_tick = self._quiet_until_tick = self._reports_read_tick = 0.0
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
-        self._mp = self._spec = None
+
+    # the options most read, by their names
+    slots = property(lambda self: self.options.slots)
+    poll_s = property(lambda self: self.options.poll_s)
+    grace_s = property(lambda self: self.options.grace_s)
 
     # -- the loop -----------------------------------------------------------------------
 
+    def start(self, mp=None, prctl=None):
+        """Register in the file and make the child pool (run() does this)."""
+        import multiprocessing
+        spec = ChildSpec(os.getpid(), prctl, self.tasks, self.options.jobs_per_child)
+        self.pool = ChildPool(spec, mp or multiprocessing.get_context("fork"))
+        self.queue.register_supervisor(self.id, self.host, sorted(self.tasks),
+                                       [task.defaults for task in self.tasks.values()])
+
     def run(self):
         """Serve until stopped; returns 0. Children are forked: about ten times faster to
-        start than forkserver or spawn here, and safe because the supervisor forks only with
-        no transaction or statement open (see the child section)."""
+        start than forkserver or spawn here, and safe because a child never uses the
+        supervisor's SQLite connection (it never touches the file)."""
         import ctypes
-        import multiprocessing
         from multiprocessing.connection import wait
-        self._mp = multiprocessing.get_context("fork")
         libc = ctypes.CDLL(None, use_errno=True)
-        self._spec = ChildSpec(self, getattr(libc, "prctl", None), self._mp.RawValue("i", 0))
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
-        self._register()
+        self.start(prctl=getattr(libc, "prctl", None))
         log.info("supervisor %s serving %s on %s (slots %d, memory limit %s)", self.id,
                  ", ".join(sorted(self.tasks)), self.queue.path, self.slots,
-                 format_bytes(self.memory_limit_bytes))
+                 format_bytes(self.options.memory_limit_bytes))
         watch = _DirectoryWatch.open(self.queue.path, libc)
         wakeup_r, wakeup_w = os.pipe()          # a signal wakes the loop at once
         os.set_blocking(wakeup_w, False)
@@ -2399,8 +2857,8 @@ class Supervisor:
             os.close(wakeup_w)
             if watch is not None:
                 watch.close()
-            self._abandon_children()
-            self._unregister()
+            self.abandon_children()
+            self.queue.unregister_supervisor(self.id)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         log.info("supervisor %s stopped", self.id)
@@ -2408,60 +2866,55 @@ class Supervisor:
 
     def _step_surviving(self):
         """step(), but a database that is busy past the timeout or full is waited out, not a
-        reason to stop and kill every running job."""
+        reason to stop and kill every running job. What children reported stays pending and
+        is committed once the file can be written again."""
         try:
             return self.step()
         except DatabaseUnusable as exc:
             if not exc.waitable:
                 raise
             log.warning("%s; trying again", exc)
+            tick = time.monotonic()
             if self._stopping:                 # stopping needs signals, not the file
-                tick = time.monotonic()
-                self._shut_down(now(), tick)
-                for run in self._runs.values():
-                    if run.kill_at is not None and tick >= run.kill_at and not run.killed:
-                        run.killed = True      # (the event for it cannot be written now)
-                        self._signal(run, signal.SIGKILL)
+                self._shut_down(tick)
+            self._enforce_limits(tick)
             # Our own failed writes touch the directory, so the watch would wake us at once:
             # sleep the poll out, woken only by a signal.
-            self._quiet_until = time.monotonic() + self.poll_s
-            return self._quiet_until
+            self._quiet_until_tick = tick + self.poll_s
+            return self._quiet_until_tick
 
-    def _sleep(self, wake_at, wait, watch, wakeup_r):
-        """Sleep until wake_at, a child ends, a signal arrives, or another process writes
-        the database. Where inotify is missing, look at the file every notice_s instead."""
+    def _sleep(self, wake_tick, wait, watch, wakeup_r):
+        """Sleep until wake_tick, a child speaks or ends, a signal arrives, or another
+        process writes the database. Where inotify is missing, look every notice_s instead."""
         ready = [wakeup_r]
-        if time.monotonic() < self._quiet_until:
-            if wait([wakeup_r], max(0.0, wake_at - time.monotonic())):
+        if time.monotonic() < self._quiet_until_tick:
+            if wait([wakeup_r], max(0.0, wake_tick - time.monotonic())):
                 self._drain_wakeup(wakeup_r)
             return
-        # What children say is read at most every CHANNEL_BATCH_S while they keep talking:
-        # a busy pooled child reports a job every millisecond or so, and each wake-up costs
-        # more than reading a batch. An exit (the sentinel) wakes us at once.
-        batching = time.monotonic() < self._channels_read_at + CHANNEL_BATCH_S
+        # While children keep reporting, read them at most every CHANNEL_BATCH_S: each
+        # wake-up and each commit costs more than a batch of lines. An exit wakes us at once.
+        batching = time.monotonic() < self._reports_read_tick + CHANNEL_BATCH_S
         if batching:
-            wake_at = min(wake_at, self._channels_read_at + CHANNEL_BATCH_S)
-        for run in self._runs.values():
-            if not (run.child.reaped or run.child.inbox):    # else settled on a later poll
-                ready.append(run.process.sentinel)
-                if not (batching or run.child.channel_eof):
-                    ready.append(run.child.channel)
-        left = max(0.0, wake_at - time.monotonic())
-        if len(self._runs) >= self.slots:
+            wake_tick = min(wake_tick, self._reports_read_tick + CHANNEL_BATCH_S)
+        if any(child.outbox for child in self.pool.children):
+            wake_tick = min(wake_tick, time.monotonic() + self.options.notice_s)
+        ready += self.pool.waitables(with_pipes=not batching)
+        left = max(0.0, wake_tick - time.monotonic())
+        if self._busy_children() >= self.slots:
             # Every slot busy: a new job could not start anyway, so writes need not wake us
             # (a busy queue would otherwise wake us at every commit); a cancel waits a poll.
             woken = wait(ready, left)
         elif watch is None:
-            woken = wait(ready, min(left, self.notice_s))
+            woken = wait(ready, min(left, self.options.notice_s))
         else:
             # A write wakes us before its commit is visible (SQLite updates the WAL index
             # after writing and syncing the frames), so after each write look again every
             # 2 ms for a moment; idle, we wake only for the memory poll.
-            limit = 0.002 if time.monotonic() < self._watch_busy_until else left
+            limit = 0.002 if time.monotonic() < self._watch_busy_until_tick else left
             woken = wait(ready + [watch.fd], min(left, limit))
             if watch.fd in woken:
                 watch.drain()
-                self._watch_busy_until = time.monotonic() + 0.03
+                self._watch_busy_until_tick = time.monotonic() + 0.03
         if wakeup_r in woken:
             self._drain_wakeup(wakeup_r)
 
@@ -2471,523 +2924,410 @@ class Supervisor:
             os.read(wakeup_r, 512)
 
     def _on_signal(self, signum, frame):
-        # Only flags (and the shared mask children read): the loop does the work.
+        # Only flags: the loop does the work.
         if self._stopping:
             self._stop_now = True
         self._stopping = True
-        self._publish_claimable()
 
     def stop(self, now_=False):
         """Ask the loop to stop (as SIGTERM would; now_=True as a second signal would)."""
         self._stop_now = self._stop_now or now_
         self._stopping = True
-        self._publish_claimable()
 
     def step(self, at=None, tick=None):
-        """One round: reap, heartbeat, watch memory, stop or start jobs. Returns the tick at
-        which it next has something to do.
+        """One round: observe (what children said, who ended, memory, other writers),
+        decide (endings, limits, memory, claims) and act (one commit, then hand over, fork
+        and signal). Returns the tick at which it next has something to do.
 
         Two clocks: `at` (wall time, now()) is what the database records; `tick`
         (time.monotonic()) times polls, timeouts, grace periods and the hysteresis hold,
-        so a wall clock stepped by NTP (an edge device booting without a real-time clock)
-        neither kills jobs early nor stalls the loop. A test that passes only `at` drives
-        both with it."""
+        so a wall clock stepped by NTP neither kills jobs early nor stalls the loop. A test
+        that passes only `at` drives both with it."""
         if tick is None:
             tick = time.monotonic() if at is None else at
         at = now() if at is None else at
-        reaped = self._reap(at)
-        self._publish_claimable()
-        if self._idle:
-            self._retire_idle(idle_since=time.monotonic() - CHILD_IDLE_S)
-        if tick >= self._next_heartbeat_at:
-            self._heartbeat(at)
-            self._recover_orphans(at)
-            self.queue.expire(at=at)
-            self._next_heartbeat_at = tick + SUPERVISOR_HEARTBEAT_S
-        polled = tick >= self._next_poll_at
+        # observe
+        self.pool.read(self._on_report)
+        freed = self._settle_ended_children()
+        polled = tick >= self._next_poll_tick
         if polled:
             self._poll_memory(at, tick)
-            self._next_poll_at = tick + self.poll_s
-        changed = self._data_changed()
-        self._unchecked_write = self._unchecked_write or changed
-        if self._unchecked_write and (polled or len(self._runs) < self.slots):
+        if tick >= self._next_heartbeat_tick:
+            self._housekeeping(at, tick)
+        written = self._another_wrote()
+        # decide
+        self._enforce_limits(tick)
+        if written and (polled or self._busy_children() < self.slots):
             self._unchecked_write = False          # (a write seen now is checked next poll)
-            self._apply_cancels(at, tick)
+            self._apply_cancels(tick)
         if self._stopping:
-            self._shut_down(at, tick)
-        elif changed or polled or reaped:        # a freed slot is refilled at once
-            self._start_jobs(at, tick)
-        if self.keep_s is not None and tick >= self._next_purge_at:
+            self._shut_down(tick)
+        wanted = self._claims_wanted() if (written or polled or freed) else {}
+        # act
+        claimed = self._commit(at, wanted)
+        self._hand_out(claimed, tick)
+        self._finish_if_done(at)
+        if self.options.keep_s is not None and tick >= self._next_purge_tick:
             self._retain(at)
-            self._next_purge_at = tick + min(60.0, max(1.0, self.keep_s / 4))
-        return min(self._next_poll_at, self._next_heartbeat_at)
+            self._next_purge_tick = tick + min(60.0, max(1.0, self.options.keep_s / 4))
+        return min(self._next_poll_tick, self._next_heartbeat_tick)
 
-    def _publish_claimable(self):
-        """Tell pooled children which priorities they may claim for themselves: those the
-        memory level lets start, none once stopping."""
-        if self._spec is not None:
-            self._spec.claimable.value = (0 if self._stopping else
-                                          claimable_mask(START_PRIORITIES[self.tracker.level]))
+    # -- observe ------------------------------------------------------------------------
 
-    # -- database bookkeeping -----------------------------------------------------------
+    def _on_report(self, child, tag, rest):
+        """One line a child said (see the child section)."""
+        self._reports_read_tick = time.monotonic()
+        if tag == SAY_DROPPED:
+            dropped = set(json.loads(rest))
+            child.dropping = False
+            for run in [r for r in child.runs[1:] if r.job.id in dropped]:
+                child.runs.remove(run)
+                self._end(run, current=False, exit_code=None)
+            return
+        job_id, _, rest = rest.partition(b" ")
+        run = self._runs.get(int(job_id))
+        if run is None or run.child is not child:
+            return
+        if tag == SAY_STARTED:
+            started_tick, rss_bytes = rest.split()
+            run.started_tick, run.baseline_bytes = float(started_tick), int(rss_bytes)
+        elif tag == SAY_PROGRESS:
+            run.progress = json.loads(rest)
+        elif tag == SAY_CHECKPOINT:
+            run.checkpoint, run.saved, run.ack_owed = rest.decode(), True, True
+        elif tag in (SAY_RESULT, SAY_FAILED):
+            if tag == SAY_RESULT:
+                another, _, result = rest.partition(b" ")
+                run.reported = (DONE, result.decode())
+                child.done = another != b"1"
+            else:
+                kind, _, error = rest.partition(b" ")
+                run.reported = (Ending.FAILED, kind.decode(), json.loads(error))
+                child.done = True
+            child.runs.remove(run)
+            child.last_run_s = time.monotonic() - (run.started_tick or run.handed_tick)
+            if not child.runs and not child.done:
+                child.idle_since_tick = time.monotonic()
+            self._end(run, current=True, exit_code=None)
 
-    def _register(self):
-        self.queue.store_catalogue([task.defaults for task in self.tasks.values()])
-        import psutil
-        started_at = psutil.Process().create_time()
-        with self.queue._tx():
-            self.queue.conn.execute(
-                "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
-                " tasks) VALUES (?, ?, ?, ?, ?, ?)",
-                (self.id, self.host, os.getpid(), started_at, now(),
-                 json.dumps(sorted(self.tasks))))
+    def _settle_ended_children(self):
+        """Reap children that have exited (what they said before they ended was read first)
+        and decide what their unfinished jobs become. Returns how many slots that freed,
+        counting jobs whose child reported them finished."""
+        freed = sum(1 for run in self._runs.values() if run.ending is not None)
+        for child in self.pool.ended():
+            self.pool.read(self._on_report)  # its last words, if they came after the read
+            code = self.pool.reap(child)
+            for index, run in enumerate(child.runs):
+                self._end(run, current=index == 0, exit_code=code)
+            freed += bool(child.runs)
+            child.runs = []
+        return freed
 
-    def _unregister(self):
-        with contextlib.suppress(Error):
-            with self.queue._tx():
-                self.queue.conn.execute("DELETE FROM supervisors WHERE id = ?", (self.id,))
+    def _end(self, run, *, current, exit_code):
+        run.ending = run_ending(run.reported, current=current, stop_reason=run.stop_reason,
+                                detail=run.detail, exit_code=exit_code, saved=run.saved)
 
-    def _heartbeat(self, at):
-        running = [{"id": r.job.id, "task": r.job.task, "rss_bytes": r.rss_bytes}
-                   for r in self._runs.values()]
-        with self.queue._tx():
-            self.queue.conn.execute(
-                "UPDATE supervisors SET heartbeat_at = ?, level = ?, pressure = ?, running = ?"
-                " WHERE id = ?", (at, self.tracker.level, self.pressure, json.dumps(running),
-                                  self.id))
-            lost_row = not self.queue.conn.changes()
-        if lost_row and not self._stopping:         # taken for dead (a long stall): re-register
+    def _poll_memory(self, at, tick):
+        reading = self.probe.read([child.pid for child in self.pool.children])
+        self.pressure = reading.pressure
+        before = self.tracker.level
+        level = self.tracker.update(reading.pressure, tick)
+        self._next_poll_tick = tick + self.poll_s
+        if level != before:
+            log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
+            self._events.append(("level", None, None, before, level, "memory pressure",
+                                 reading.pressure, at))
+        for child in self.pool.children:
+            if child.current is not None:
+                child.current.rss_bytes = job_rss_bytes(child.pid) or child.current.rss_bytes
+        self._apply_memory_plan(level, reading.pressure, at, tick)
+
+    def _housekeeping(self, at, tick):
+        """Every SUPERVISOR_HEARTBEAT_S: renew our lease, recover jobs of dead supervisors,
+        expire waiting jobs past their TTL."""
+        running = [{"id": run.job.id, "task": run.job.task, "rss_bytes": run.rss_bytes,
+                    "pid": run.child.pid}
+                   for run in self._runs.values()
+                   if run.child is not None and run is run.child.current]
+        alive = self.queue.supervisor_heartbeat(self.id, at, self.tracker.level,
+                                                self.pressure, running)
+        if not alive and not self._stopping:     # taken for dead (a long stall): re-register
             log.warning("supervisor %s was taken for dead; its jobs were given to others: "
                         "stopping their children and registering again", self.id)
             for run in self._runs.values():          # their leases are gone: no double runs
-                if not run.killed:
-                    self._kill(run, "shutdown", at, "lease lost while the supervisor stalled")
-            self._register()
+                run.lease_lost = True
+                if run.child is not None and not run.killed:
+                    self._kill(run, STOP_SHUTDOWN, "lease lost while the supervisor stalled", at)
+            self.queue.register_supervisor(self.id, self.host, sorted(self.tasks),
+                                           [task.defaults for task in self.tasks.values()])
+        self.queue.recover_orphans(self.id, self.host, at)
+        self.queue.expire(at=at)
+        self._next_heartbeat_tick = tick + SUPERVISOR_HEARTBEAT_S
 
-    def _data_changed(self):
-        """Has another connection (a producer, a child) written since we last looked?"""
-        version = self.queue.conn.execute("PRAGMA data_version").fetchall()[0][0]
+    def _another_wrote(self):
+        """Has another connection (a producer, a CLI) written since we last looked?"""
+        version = self.queue.data_version()
         changed = version != self._data_version
         self._data_version = version
-        return changed
+        self._unchecked_write = self._unchecked_write or changed
+        return self._unchecked_write
 
-    def _recover_orphans(self, at):
-        """Requeue jobs whose supervisor is gone. Recoveries are charged, so a job that keeps
-        killing its supervisor ends dead instead of looping. One transaction: no supervisor
-        can register and claim between the look at who is alive and the requeue."""
-        import psutil
-        queue = self.queue
-        recovered = []
-        with queue._tx():
-            rows = _rows(queue.conn.execute("SELECT * FROM supervisors"))
-            dead = {sup["id"] for sup in rows
-                    if sup["id"] != self.id and not self._is_alive(psutil, sup, at)}
-            live = {sup["id"] for sup in rows} - dead
-            for row in _rows(queue.conn.execute(
-                    "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")):
-                if row["owner"] != self.id and row["owner"] not in live:
-                    state = queue._requeue(row["id"], row["owner"], row["attempts"],
-                                           f"recovered: supervisor {row['owner']} is gone",
-                                           True, False, True, None, at)
-                    recovered.append((row, state))
-            for sup_id in dead:
-                queue.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
-        for row, state in recovered:
-            log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
-                        row["task"], row["owner"], state)
+    def _retain(self, at):
+        deleted = self.queue.purge(self.options.keep_s, at=at)
+        self.queue.checkpoint_wal()
+        if deleted:
+            log.info("retention: purged %d finished jobs older than %gs", deleted,
+                     self.options.keep_s)
 
-    def _is_alive(self, psutil, sup, at):
+    # -- decide -------------------------------------------------------------------------
+
+    def _live_runs(self):
+        """Runs that are their child's job now: what limits and memory decisions act on."""
+        return [child.current for child in self.pool.children
+                if child.current is not None and child.current.ending is None]
+
+    def _busy_children(self):
+        return sum(1 for child in self.pool.children if child.runs)
+
+    def _apply_memory_plan(self, level, pressure, at, tick):
+        if level != "normal":
+            for child in self.pool.idle():
+                self.pool.retire(child)              # idle children hold memory for nothing
+        allowed = claimable_priorities(level, self._stopping)
+        for child in self.pool.children:             # jobs handed ahead that may not start now
+            if any(run.job.priority_value not in allowed for run in child.runs[1:]):
+                self.pool.drop_ahead(child)
+        live = {run.job.id: run for run in self._live_runs()}
+        plan = plan_memory(level, [run.view() for run in live.values()])
+        for job_id in plan.kill:
+            self._kill(live[job_id], STOP_EMERGENCY, f"memory emergency at {pressure:.1f}%", at)
+        if plan.preempt is not None:
+            self._ask_stop(live[plan.preempt], STOP_PREEMPT,
+                           f"preempted at {pressure:.1f}% memory pressure", tick, at)
+        if plan.shed:
+            for job_id in self.queue.shed_due(tasks=self.tasks, at=at, pressure=pressure):
+                log.info("job %d shed at %.1f%% memory pressure", job_id, pressure)
+
+    def _enforce_limits(self, tick):
+        """Per-job memory limit, start deadline and timeout; SIGKILL for a stop past its grace."""
+        for run in self._live_runs():
+            verdict = limits_verdict(run.facts(tick), tick, grace_s=self.grace_s,
+                                     start_deadline_s=self.options.start_deadline_s)
+            if verdict is None:
+                continue
+            if verdict.action == "kill":
+                run.kill_at_tick = None      # the verdict's reason is why it ends
+                self._kill(run, verdict.reason, verdict.detail, now())
+            else:
+                run.stop_reason, run.detail = verdict.reason, verdict.detail
+                run.kill_at_tick = verdict.kill_at_tick
+                self.pool.signal(run.child, signal.SIGTERM)
+
+    def _apply_cancels(self, tick):
+        if not self._runs:
+            return
+        for job_id in self.queue.cancel_requested(list(self._runs)):
+            run = self._runs[job_id]
+            if run.stop_reason == STOP_CANCEL or run.ending is not None or run.child is None:
+                continue
+            if run is run.child.current:
+                self._ask_stop(run, STOP_CANCEL, "cancel requested", tick, now())
+            else:                                 # handed ahead: take it back unstarted
+                run.stop_reason, run.detail = STOP_CANCEL, "cancel requested"
+                self.pool.drop_ahead(run.child)
+
+    def _shut_down(self, tick):
+        """First signal: ask every job to stop at its next checkpoint, kill after the grace
+        period. Second signal: kill them all now. Either way their jobs go back to queued."""
+        for child in self.pool.idle():
+            self.pool.retire(child)
+        for child in self.pool.children:
+            self.pool.drop_ahead(child)
+        live = {run.job.id: run for run in self._live_runs()}
+        stops = shutdown_stops([(job_id, run.stop_reason) for job_id, run in live.items()],
+                               stop_now=self._stop_now)
+        for job_id, action in stops.items():
+            run = live[job_id]
+            if action == "kill" and not run.killed:
+                if run.stop_reason not in (STOP_CANCEL, STOP_TIMEOUT, STOP_MEMORY):
+                    run.stop_reason, run.detail = STOP_SHUTDOWN, "supervisor stopped at once"
+                run.kill_at_tick, run.killed = None, True
+                self.pool.signal(run.child, signal.SIGKILL)
+            elif action == "ask":
+                self._ask_stop(run, STOP_SHUTDOWN, "supervisor shutting down", tick, None)
+                # Kill early enough that reaping and exiting still fit within the grace.
+                run.kill_at_tick = tick + max(0.0, self.grace_s - 2 * self.poll_s)
+
+    def _claims_wanted(self):
+        """{"free": jobs for idle children and new forks, "ahead": {child: n}}."""
+        if self._stopping:
+            return {}
+        busy = self._busy_children()
+        free = max(0, self.slots - busy)
+        ahead = {}
+        if self.options.jobs_per_child > 1:
+            for child in self.pool.children:
+                if child.runs and not (child.done or child.dropping or child.retired
+                                       or child.current.stop_reason):
+                    n = ahead_wanted(child.last_run_s, len(child.runs) - 1,
+                                     self.options.jobs_per_child - child.handed)
+                    if n:
+                        ahead[child] = n
+        return {"free": free, "ahead": ahead} if free or ahead else {}
+
+    # -- act ----------------------------------------------------------------------------
+
+    def _ask_stop(self, run, reason, detail, tick, at):
+        """Ask a child to stop at its next checkpoint; SIGKILL after the grace period."""
+        run.stop_reason, run.detail, run.kill_at_tick = reason, detail, tick + self.grace_s
+        self.pool.signal(run.child, signal.SIGUSR1)
+        log.info("job %d %s asked to stop: %s", run.job.id, run.job.task, detail)
+        if reason == STOP_PREEMPT:
+            self._events.append(("decision", run.job.id, run.job.task, RUNNING, "preempt",
+                                 detail, self.pressure, at))
+
+    def _kill(self, run, reason, detail, at):
+        """SIGKILL now, recorded with the pressure. A kill at the end of a grace keeps the
+        reason it was asked to stop for (the job's error says timeout, not 'killed'); an
+        emergency that overtakes a preemption says it was the emergency."""
+        if run.kill_at_tick is None or (reason == STOP_EMERGENCY
+                                        and run.stop_reason == STOP_PREEMPT):
+            run.stop_reason, run.detail = reason, detail
+        run.kill_at_tick, run.killed = None, True
+        self.pool.signal(run.child, signal.SIGKILL)
+        log.warning("job %d %s killed: %s", run.job.id, run.job.task, detail)
+        self._events.append(("decision", run.job.id, run.job.task, RUNNING, "kill", detail,
+                             self.pressure, at))
+
+    def _commit(self, at, wanted):
+        """One transaction for everything the children reported since the last commit, the
+        endings decided, the decisions to record, and the jobs wanted next (group commit).
+        Then: acknowledge the checkpoints it saved, forget the runs it ended. Returns the
+        jobs claimed. If it fails (a busy or full file) everything stays pending."""
+        records = [run for run in self._runs.values() if run.ending is not None
+                   or run.checkpoint is not None or run.progress is not None]
+        limit = wanted.get("free", 0) + sum(wanted.get("ahead", {}).values())
+        if not (records or self._events or limit):
+            return []
+        claim = None
+        if limit:
+            claim = (self.tasks, claimable_priorities(self.tracker.level, self._stopping), limit)
+        states, claimed = self.queue.record_runs(
+            self.id, [RunRecord(run.job.id, run.job.attempts, run.progress, run.checkpoint,
+                                run.ending, self.pressure) for run in records],
+            events=self._events, claim=claim, at=at)
+        self._events = []
+        for run in records:
+            state = states[run.job.id]
+            run.progress = run.checkpoint = None
+            if run.ending is not None:
+                del self._runs[run.job.id]
+                self._log_ending(run, state)
+            elif state is None:                   # the file says the job is not ours now
+                run.lease_lost = True
+                if not run.killed:
+                    self._kill(run, STOP_SHUTDOWN, "its lease was lost", at)
+            elif run.ack_owed:
+                run.ack_owed = False
+                self.pool.ack(run)
+        return claimed
+
+    def _hand_out(self, claimed, tick):
+        """Jobs just claimed: to idle children first, then to new children for free slots,
+        then ahead to pooled children whose jobs are short. One that cannot be placed goes
+        back to the queue uncharged at the next commit."""
+        jobs = list(claimed)
+        for child in self.pool.idle():
+            if jobs:
+                self.pool.hand(child, self._track(jobs.pop(0), tick))
+        while jobs and self._busy_children() < self.slots:
+            run = self._track(jobs.pop(0), tick)
+            try:
+                self.pool.fork(run, tick)
+                log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id, run.job.task,
+                         run.job.attempts, run.job.max_attempts, run.child.pid)
+            except OSError as exc:        # fork refused (memory, pid limit): give back
+                log.error("cannot start a child: %s; jobs go back to the queue", exc)
+                run.ending = Ending(ENDING_REQUEUED, f"could not start a child: {exc}")
+                break
+        for child in self.pool.children:
+            want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
+                                self.options.jobs_per_child - child.handed)
+            while jobs and want > 0 and child.runs and not (child.done or child.dropping
+                                                             or child.retired):
+                self.pool.hand(child, self._track(jobs.pop(0), tick))
+                want -= 1
+        for job in jobs:
+            self._track(job, tick).ending = Ending(ENDING_REQUEUED, "no child was free for it")
+
+    def _track(self, job, tick):
+        limit = job.memory_limit_bytes or self.options.memory_limit_bytes
+        run = self._runs[job.id] = _Run(job, None, limit, tick,
+                                        process_rss_bytes(os.getpid()) or 0)
+        return run
+
+    def _finish_if_done(self, at):
+        if self._runs:
+            return
+        if self._stopping or (self.options.burst
+                              and not self.queue.has_due(tasks=self.tasks, at=at)):
+            self._finished = True
+
+    def _retire_idle(self, tick):
+        """Let go of children idle past CHILD_IDLE_S; kill retired ones that linger."""
+        for child in self.pool.idle():
+            if tick - child.idle_since_tick > CHILD_IDLE_S:
+                self.pool.retire(child)
+        for child in self.pool.children:
+            if child.retired and not child.runs and tick - (child.idle_since_tick or tick) > (
+                    CHILD_IDLE_S + self.grace_s):
+                self.pool.signal(child, signal.SIGKILL)
+
+    def abandon_children(self):
+        """Leaving run(): let idle children go, kill those still running (after an error in
+        the loop) and give their jobs back, so nothing is lost."""
+        if self.pool is None:
+            return
+        for run in self._live_runs():
+            run.stop_reason = run.stop_reason or STOP_SHUTDOWN
+            run.detail = run.detail or "supervisor stopped"
+            self.pool.signal(run.child, signal.SIGKILL)
+        for child in self.pool.children:
+            if not child.runs:
+                self.pool.retire(child)
+        kill_tick = time.monotonic() + 2.0
+        while self.pool.children:
+            self.pool.read(self._on_report)
+            self._settle_ended_children()
+            if self.pool.children:
+                if time.monotonic() > kill_tick:       # a SIGTERM'd idle child did not go
+                    for child in self.pool.children:
+                        self.pool.signal(child, signal.SIGKILL)
+                time.sleep(0.005)
+        with contextlib.suppress(Error):
+            self._commit(now(), {})
+
+    def _log_ending(self, run, state):
+        job, ending = run.job, run.ending
+        if state is None:
+            log.warning("job %d %s: its lease was lost; another owner has it", job.id, job.task)
+        elif state == DONE:
+            log.info("job %d %s done in %.3fs", job.id, job.task,
+                     time.monotonic() - (run.started_tick or run.handed_tick))
+        elif ending.state == ENDING_FAILED:
+            log.warning("job %d %s failed (attempt %d/%d), now %s: %s", job.id, job.task,
+                        job.attempts, job.max_attempts, state, _last_line(ending.reason))
+        else:
+            log.info("job %d %s %s: %s", job.id, job.task, state, ending.reason)
+
+    def _is_alive(self, sup, at):
         """On this host (same boot, same pid namespace) a supervisor is alive while its
         process is, however long it stalls (SIGSTOP, swapping): its children may still run.
         A supervisor elsewhere is alive while its lease (heartbeat) is fresh."""
         if sup["host"] == self.host:
-            return _same_process_alive(psutil, sup)
+            return _same_process_alive(sup)
         return sup["heartbeat_at"] > at - LEASE_S
-
-    def _retain(self, at):
-        deleted = self.queue.purge(self.keep_s, at=at)
-        self.queue.checkpoint_wal()
-        if deleted:
-            log.info("retention: purged %d finished jobs older than %gs", deleted, self.keep_s)
-
-    # -- memory -------------------------------------------------------------------------
-
-    def _poll_memory(self, at, tick):
-        reading = self.probe.read([child.pid for child in self._children()])
-        self.pressure = reading.pressure
-        before = self.tracker.level
-        level = self.tracker.update(reading.pressure, tick)
-        self._publish_claimable()
-        if level != before:
-            log.warning("memory level %s -> %s at %.1f%%", before, level, reading.pressure)
-            self.queue.record_event("level", before, level, "memory pressure",
-                                    pressure=reading.pressure, at=at)
-        if level != "normal":
-            self._retire_idle()             # idle children hold memory for nothing
-        for run in self._runs.values():
-            run.rss_bytes = job_rss_bytes(run.process.pid) or run.rss_bytes
-        self._enforce_limits(at, tick)
-        plan = plan_memory(level, [r.view() for r in self._runs.values()])
-        for job_id in plan.kill:
-            self._kill(self._runs[job_id], "emergency", at,
-                       f"memory emergency at {reading.pressure:.1f}%")
-        if plan.preempt is not None:
-            self._ask_stop(self._runs[plan.preempt], "preempt", at, tick,
-                           f"preempted at {reading.pressure:.1f}% memory pressure")
-        if plan.shed:
-            for job_id in self.queue.shed_due(tasks=self.tasks, at=at, pressure=reading.pressure):
-                log.info("job %d shed at %.1f%% memory pressure", job_id, reading.pressure)
-
-    def _enforce_limits(self, at, tick):
-        """Per-job memory limit and timeout; and SIGKILL for a stop past its grace."""
-        for run in list(self._runs.values()):
-            limit, own_bytes = run.memory_limit_bytes, run.rss_bytes - run.baseline_bytes
-            if own_bytes > limit and not run.killed:
-                if run.stop_reason != "cancel":
-                    run.kill_at = None    # over its limit: that is why it ends, whatever it
-                self._kill(run, "memory", at, f"memory limit exceeded: "    # was asked before
-                           f"{format_bytes(own_bytes)} > {format_bytes(limit)}")
-            elif not run.started and tick - run.started_tick > self.start_deadline_s:
-                self._kill(run, "start", at, f"the child did not start within "
-                           f"{self.start_deadline_s:g}s: it hung after fork (another thread of "
-                           f"the supervisor held a lock then; an --app that starts threads at "
-                           f"import does this)")
-            elif (run.job.timeout_s is not None and run.stop_reason is None
-                  and tick - run.started_tick > run.job.timeout_s):
-                # SIGTERM lets the task stop at a checkpoint (kept for its retry); a task
-                # that does not get there within a short grace is killed.
-                run.stop_reason, run.detail = "timeout", f"timeout after {run.job.timeout_s:g}s"
-                run.kill_at = tick + min(self.grace_s, 5.0)
-                self._signal(run, signal.SIGTERM)
-            elif run.kill_at is not None and tick >= run.kill_at:
-                self._kill(run, run.stop_reason, at, f"{run.detail}: no checkpoint within the grace")
-
-    # -- stopping children --------------------------------------------------------------
-
-    @staticmethod
-    def _signal(run_or_child, signum):
-        pid = run_or_child.process.pid
-        with contextlib.suppress(ProcessLookupError):
-            if signum == signal.SIGKILL:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signum)                  # the job and what it started
-            os.kill(pid, signum)
-
-    def _ask_stop(self, run, reason, at, tick, detail):
-        """Ask a child to stop at its next checkpoint; SIGKILL after the grace period."""
-        run.stop_reason, run.detail, run.kill_at = reason, detail, tick + self.grace_s
-        self._signal(run, signal.SIGUSR1)
-        log.info("job %d %s asked to stop: %s", run.job.id, run.job.task, detail)
-        if reason == "preempt":
-            self.queue.record_event("decision", RUNNING, "preempt", detail, job_id=run.job.id,
-                                    task=run.job.task, pressure=self.pressure, at=at)
-
-    def _kill(self, run, reason, at, detail):
-        """SIGKILL now, recorded with the pressure. A kill at the end of a grace keeps the
-        reason it was asked to stop for (the job's error says timeout, not 'killed'); an
-        emergency that overtakes a preemption says it was the emergency."""
-        if run.kill_at is None or (reason == "emergency" and run.stop_reason == "preempt"):
-            run.stop_reason, run.detail = reason, detail
-        run.kill_at, run.killed = None, True
-        self._signal(run, signal.SIGKILL)
-        log.warning("job %d %s killed: %s", run.job.id, run.job.task, detail)
-        self.queue.record_event("decision", RUNNING, "kill", detail, job_id=run.job.id,
-                                task=run.job.task, pressure=self.pressure, at=at)
-
-    def _apply_cancels(self, at, tick):
-        if not self._runs:
-            return
-        marks = ",".join("?" * len(self._runs))
-        for row in self.queue._read(f"SELECT id FROM jobs WHERE cancel_requested = 1 AND"
-                                    f" id IN ({marks})", list(self._runs)):
-            run = self._runs[row["id"]]
-            if run.stop_reason != "cancel":
-                self._ask_stop(run, "cancel", at, tick, "cancel requested")
-
-    def _shut_down(self, at, tick):
-        """First signal: ask every job to stop at its next checkpoint, kill after the grace
-        period. Second signal: kill them all now. Either way their jobs go back to queued."""
-        self._retire_idle()
-        for run in self._runs.values():
-            if self._stop_now:
-                if run.stop_reason not in ("cancel", "timeout", "memory"):
-                    run.stop_reason, run.detail = "shutdown", "supervisor stopped at once"
-                run.kill_at = None
-                self._signal(run, signal.SIGKILL)
-            elif run.stop_reason in (None, "preempt"):
-                self._ask_stop(run, "shutdown", at, tick, "supervisor shutting down")
-                # Kill early enough that reaping and exiting still fit within the grace.
-                run.kill_at = tick + max(0.0, self.grace_s - 2 * self.poll_s)
-        if not self._runs:
-            self._finished = True
-
-    def _abandon_children(self):
-        """Leaving run(): let idle children go, and (after an error in the loop) kill those
-        still running and give their jobs back, so nothing is lost."""
-        for run in list(self._runs.values()):
-            run.stop_reason = run.stop_reason or "shutdown"
-            self._signal(run, signal.SIGKILL)
-        self._retire_idle()
-        kill_at = time.monotonic() + 2.0
-        while self._runs or self._retiring:
-            self._reap(now())
-            if self._retiring:
-                if time.monotonic() > kill_at:     # a SIGTERM'd idle child did not go
-                    for child in self._retiring:
-                        self._signal(child, signal.SIGKILL)
-                time.sleep(0.005)
-
-    def _children(self):
-        return [run.child for run in self._runs.values()] + self._idle + self._retiring
-
-    def _retire_idle(self, idle_since=None):
-        """Let idle children go (all, or those idle since before `idle_since`): SIGTERM ends
-        a child waiting for a job at once."""
-        for child in list(self._idle):
-            if idle_since is None or child.idle_since < idle_since:
-                self._idle.remove(child)
-                self._retire(child)
-
-    def _retire(self, child):
-        self._signal(child, signal.SIGTERM)
-        self._retiring.append(child)
-
-    # -- starting and settling children -------------------------------------------------
-
-    def _start_jobs(self, at, tick):
-        free = self.slots - len(self._runs)
-        if free > 0:
-            priorities = START_PRIORITIES[self.tracker.level]
-            jobs = self.queue.claim(self.id, tasks=self.tasks, priorities=priorities,
-                                    limit=free, at=at)
-            for index, job in enumerate(jobs):
-                if job.id in self._runs:             # its old child is not reaped yet
-                    self.queue.requeue(job.id, self.id, job.attempts, "still being stopped",
-                                       charge=False)
-                    continue
-                try:
-                    self._start(job, at, tick)
-                except OSError as exc:        # fork refused (memory, pid limit): give back
-                    log.error("cannot start a child: %s; jobs go back to the queue", exc)
-                    for unstarted in jobs[index:]:
-                        self.queue.requeue(unstarted.id, self.id, unstarted.attempts,
-                                           f"could not start a child: {exc}", charge=False)
-                    return
-        if self.burst and not self._runs and not self.queue.has_due(tasks=self.tasks, at=at):
-            self._finished = True
-
-    def _start(self, job, at, tick):
-        limit = job.memory_limit_bytes or self.memory_limit_bytes
-        child = self._hand_to_idle(job, limit)
-        if child is not None:
-            baseline = process_rss_bytes(child.pid) or 0
-        else:
-            child = self._fork(job, limit)
-            baseline = process_rss_bytes(os.getpid()) or 0
-        self._track(job, child, at, tick, limit, baseline)
-
-    def _track(self, job, child, at, tick, limit, baseline):
-        child.run = self._runs[job.id] = _Run(job, child, at, tick, limit, baseline)
-        log.info("job %d %s started (attempt %d/%d, pid %d)", job.id, job.task, job.attempts,
-                 job.max_attempts, child.pid)
-
-    def _hand_to_idle(self, job, limit):
-        """Give the job to an idle pooled child; None if there is none alive."""
-        while self._idle:
-            child = self._idle.pop()
-            try:
-                os.write(child.jobs_w, f"{job.id} {job.attempts} {limit}\n".encode())
-                return child
-            except BrokenPipeError:               # it died while idle
-                self._retiring.append(child)
-        return None
-
-    def _fork(self, job, limit):
-        channel_r, channel_w = os.pipe()
-        jobs_r, jobs_w = os.pipe() if self.jobs_per_child > 1 else (None, None)
-        process = self._mp.Process(target=_child_main, name=f"litequeue-job-{job.id}",
-                                   args=(self._spec, job, limit, channel_w, jobs_r))
-        try:
-            process.start()
-        except BaseException:
-            for fd in (channel_r, jobs_w):
-                if fd is not None:
-                    os.close(fd)
-            raise
-        finally:
-            for fd in (channel_w, jobs_r):
-                if fd is not None:
-                    os.close(fd)
-        os.set_blocking(channel_r, False)
-        with contextlib.suppress(OSError):        # also set in the child: whichever runs first
-            os.setpgid(process.pid, process.pid)
-        return _Child(process, channel_r, jobs_w)
-
-    def _reap(self, at):
-        """Settle every job whose child said it is done or has ended; returns how many
-        (each freed a slot). Reap idle and retired children that have ended."""
-        # Which children have ended is decided before their pipes are read: whatever an
-        # ended child said before it ended is then in the pipe, and is acted on first.
-        exited = {id(r.child) for r in self._runs.values()
-                  if r.child.reaped or _has_exited(r.child.pid)}
-        freed = self._read_channels(at)
-        ended = [r for r in self._runs.values() if id(r.child) in exited]
-        for run in ended:
-            self._wait_for(run.child)
-            self._settle(run, at)              # first: if these fail, the run is kept
-            self._requeue_lost_claims(run.child, at)
-            del self._runs[run.job.id]
-            run.child.close()
-        for spare in (self._idle, self._retiring):
-            for child in [c for c in spare if _has_exited(c.pid)]:
-                self._wait_for(child)
-                self._requeue_lost_claims(child, at)
-                spare.remove(child)
-                child.close()
-        return freed + len(ended)
-
-    @staticmethod
-    def _wait_for(child):
-        if not child.reaped:
-            # The child is a zombie, so its pid (and group id) cannot be reused yet: kill
-            # whatever it started and left behind, then reap it.
-            with contextlib.suppress(OSError):
-                os.killpg(child.pid, signal.SIGKILL)
-            child.process.join()
-            child.reaped = True
-
-    def _read_channels(self, at):
-        """Act on what running children said, in order (see _child_main). Returns how many
-        jobs they finished. A line whose handling fails (a busy file) stays first in line
-        for the next round."""
-        finished = 0
-        for child in [run.child for run in self._runs.values()]:
-            child.partial += _read_all(child)
-            *lines, child.partial = child.partial.split(b"\n")
-            child.inbox += lines
-            if child.inbox:
-                self._channels_read_at = time.monotonic()
-            while child.inbox and child.run is not None:
-                line = child.inbox[0]
-                if line == b"1":
-                    child.run.started = True
-                else:
-                    self._job_done(child, line, at)
-                    finished += 1
-                child.inbox.pop(0)
-        return finished
-
-    def _job_done(self, child, line, at):
-        """The child recorded its job done: "2 TIME" it waits for another, "3 JOB" it went on
-        to the job it claimed (the JSON of the job's fields the supervisor watches, claimed
-        in the commit that recorded the last one done)."""
-        run = child.run
-        kind, _, rest = line.partition(b" ")
-        row = json.loads(rest)
-        done_at = row if kind == b"2" else row["started_at"]
-        log.info("job %d %s done in %.3fs", run.job.id, run.job.task, done_at - run.job.started_at)
-        del self._runs[run.job.id]
-        child.run = None
-        if kind == b"2":
-            if (run.stop_reason is None and not run.killed and not self._stopping
-                    and self.tracker.level == "normal"):
-                child.idle_since = time.monotonic()
-                self._idle.append(child)
-            else:
-                self._retire(child)
-            return
-        job = Job(row)
-        limit = job.memory_limit_bytes or self.memory_limit_bytes
-        # Timed from its claim, which may be a moment before we read this line.
-        started_tick = time.monotonic() - max(0.0, at - job.started_at)
-        self._track(job, child, job.started_at, started_tick, limit, row["rss_bytes"])
-        child.run.started = True                # it said so before claiming
-        if run.stop_reason is not None or run.killed:
-            # We had asked that child to stop (or killed it) for the job before: the one it
-            # went on to stops too, but is not to blame for it.
-            child.run.stop_reason = "shutdown"
-            child.run.detail = f"its child was stopped for job {run.job.id} ({run.detail})"
-            child.run.killed = run.killed
-            if not run.killed:
-                child.run.kill_at = run.kill_at or time.monotonic() + self.grace_s
-
-    def _requeue_lost_claims(self, child, at):
-        """A pooled child that died between claiming its next job and saying so leaves that
-        job running under us with its pid: give it back, uncharged (it never started)."""
-        if child.jobs_w is None:               # not pooled: it claims nothing itself
-            return
-        for row in self.queue._read("SELECT id, attempts FROM jobs WHERE state = 'running'"
-                                    " AND owner = ? AND pid = ?", (self.id, child.pid)):
-            if row["id"] not in self._runs:
-                self.queue.requeue(row["id"], self.id, row["attempts"],
-                                   "its child ended before it could start it", charge=False)
-
-    def _settle(self, run, at):
-        """A child has ended: if it did not record its own outcome, record why it ended."""
-        job, code = run.job, run.process.exitcode
-        lease = (job.id, self.id, job.attempts)
-        try:
-            latest = self.queue.get(job.id)
-        except JobNotFound:                        # finished and already purged
-            return
-        if (latest.state, latest.owner, latest.attempts) != (RUNNING, self.id, job.attempts):
-            self._log_outcome(job, latest, at)     # the child recorded done or a failure
-            return
-        if run.stop_reason is None and (code == EXIT_CHILD_STOPPED or code == -signal.SIGTERM):
-            # Stopped by a signal from outside (systemd's SIGTERM to the whole group reached
-            # the child before our own stop request): a shutdown, not a failure of the job.
-            run.stop_reason, run.detail = "shutdown", "stopped by SIGTERM from outside"
-        elif code == EXIT_CHILD_DB_WAIT and run.stop_reason in (None, "shutdown"):
-            # The task's save, or its outcome, met a busy or full file: not the job's fault.
-            run.stop_reason = "database"
-            run.detail = "the database was busy or full while the job ran; it runs again"
-        reason = run.stop_reason
-        with contextlib.suppress(LeaseLost):
-            if reason == "cancel":
-                self.queue.finish_cancelled(*lease)
-                state = CANCELLED
-            elif reason in ("preempt", "emergency", "shutdown", "database"):
-                saved = latest.checkpoint_at is not None and latest.checkpoint_at >= run.started_at
-                charge = reason in STOPPING_FOR_MEMORY and not saved
-                why = run.detail if not charge else (
-                    f"memory pressure: {run.detail}, stopped before saving a checkpoint")
-                state = self.queue.requeue(*lease, why, charge=charge,
-                                           preempted=reason in STOPPING_FOR_MEMORY,
-                                           pressure=self.pressure)
-            else:
-                state = self.queue.fail(*lease, self._death_reason(run, code))
-            log.info("job %d %s %s: %s", job.id, job.task, state,
-                     run.detail or self._death_reason(run, code))
-
-    @staticmethod
-    def _death_reason(run, code):
-        if run.stop_reason in ("timeout", "memory", "start"):
-            return run.detail
-        if code is not None and code < 0:
-            return f"killed by signal {-code}"
-        return f"child exited with code {code} without recording a result"
-
-    @staticmethod
-    def _log_outcome(job, latest, at):
-        if latest.state == DONE:
-            log.info("job %d %s done in %.3fs", job.id, job.task, at - job.started_at)
-        else:
-            log.warning("job %d %s failed (attempt %d/%d), now %s: %s", job.id, job.task,
-                        job.attempts, job.max_attempts, latest.state, _first_line(latest.error))
-
-
-def _read_all(child):
-    """Everything in a child's pipe now. An end of file while it lives (a task closed the
-    fds it inherited) marks the pipe finished, so the loop does not wake on it forever."""
-    data = b""
-    while not child.channel_eof:
-        try:
-            chunk = os.read(child.channel, 65536)
-        except BlockingIOError:
-            break
-        child.channel_eof = not chunk
-        data += chunk
-    return data
 
 
 class _DirectoryWatch:
@@ -3044,8 +3384,9 @@ def _has_exited(pid):
         return True
 
 
-def _same_process_alive(psutil, sup):
+def _same_process_alive(sup):
     """Is the supervisor's pid still the same process (not a reuse of its pid)?"""
+    import psutil
     try:
         return abs(psutil.Process(sup["pid"]).create_time() - sup["started_at"]) < 1.0
     except psutil.Error:
@@ -3184,10 +3525,11 @@ def _build_cli():
             raise BadInput(f"--thresholds {thresholds!r} / --margin {margin!r}: numbers, "
                            f"like 70,85,95 and 5") from None
         policy = BreakerPolicy(breaker_failures, breaker_window, breaker_cooldown)
-        options = dict(slots=slots, memory_limit=memory_limit, memory_budget=memory_budget,
-                       poll=poll, thresholds=levels, margin=margin_pct, hold=hold, grace=grace,
-                       keep=keep, jobs_per_child=jobs_per_child)
-        supervisor_options(**options)    # all input checked before the file is even opened
+        # All input checked before the file is even opened, and used as checked.
+        options = SupervisorOptions(slots=slots, memory_limit=memory_limit,
+                                    memory_budget=memory_budget, poll=poll, thresholds=levels,
+                                    margin=margin_pct, hold=hold, grace=grace, keep=keep,
+                                    jobs_per_child=jobs_per_child, burst=burst)
         tasks = load_app(app) if app else None
         import threading
         if threading.active_count() > 1:
@@ -3201,7 +3543,7 @@ def _build_cli():
         import logging
         logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s litequeue[%(process)d] %(levelname)s %(message)s")
-        supervisor = Supervisor(queue, burst=burst, tasks=tasks, **options)
+        supervisor = Supervisor(queue, options, tasks=tasks)
         return supervisor.run()
 
     @cli.command()
