@@ -69,7 +69,7 @@ __all__ = (
     "Queue", "Supervisor", "Task", "Job", "Context",
     "Error", "BadInput", "UnknownTask", "BadPriority", "BadPayload", "JobNotFound",
     "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable",
-    "StopRequested", "parse_size", "parse_duration", "main",
+    "StopRequested", "Permanent", "parse_size", "parse_duration", "main",
 )
 
 class _Log:
@@ -188,6 +188,10 @@ class StopRequested(BaseException):
     """Raised by ctx.save() when a stop was asked: unwinds the task to the runner.
 
     A BaseException so that a task's `except Exception` cannot swallow it."""
+
+
+class Permanent(Exception):
+    """A task raises this to fail for good at once: dead, and no mark against its breaker."""
 
 
 # ======================================================================================

@@ -825,6 +825,22 @@ def test_fail_not_retryable_is_dead_at_once(queue):
     assert queue.get(job_id).state == "dead" and queue.get(job_id).error == "bad payload"
 
 
+def test_a_permanent_failure_is_dead_at_once_with_its_reason(queue):
+    """What a task raising litequeue.Permanent("why") comes to: fail(retryable=False,
+    breaker_failure=False), whatever attempts are left."""
+    assert "Permanent" in litequeue.__all__
+    assert issubclass(litequeue.Permanent, Exception)
+    assert not issubclass(litequeue.Permanent, litequeue.Error)     # a signal, not an error
+    reason = str(litequeue.Permanent("document 7 does not exist"))
+    job_id = queue.enqueue("echo", max_attempts=5)
+    job = claim_one(queue)
+    assert queue.fail(job_id, "w1", job.attempts, reason, retryable=False,
+                      breaker_failure=False) == "dead"
+    dead = queue.get(job_id)
+    assert (dead.state, dead.error, dead.attempts, dead.max_attempts) == ("dead", reason, 1, 5)
+    assert queue.events(job_id=job_id, kind="job")[-1]["reason"] == reason
+
+
 def test_backoff_doubles_within_jitter_bounds_and_is_capped():
     for attempts in range(1, 12):
         nominal = min(litequeue.BACKOFF_CAP_S, litequeue.BACKOFF_BASE_S * 2 ** (attempts - 1))
