@@ -1281,13 +1281,16 @@ class Queue:
         with self._tx():
             at = now()
             job = self._leased(job_id, owner, attempt)
+            if job.cancel_requested:
+                # Asked to cancel: no retry, and however the task ended (an exception
+                # from being interrupted, a kill) it says nothing of the task's health.
+                breaker_release_trial(self, job.task, job_id, at)
+                self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
+                return CANCELLED
             if breaker_failure:
                 breaker_failed(self, job.task, job_id, at)
             else:
                 breaker_release_trial(self, job.task, job_id, at)
-            if job.cancel_requested:                 # asked to cancel: no retry
-                self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
-                return CANCELLED
             if retryable and job.attempts < job.max_attempts:
                 # The TTL counts from when the job is due: a backoff moves its expiry along
                 # with its due time (so expires_at - due_at stays the TTL, which retry uses).
