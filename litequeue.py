@@ -749,9 +749,18 @@ class Queue:
 
     def __init__(self, path=None, max_depth=None, *, durable=True,
                  busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None, create=True, _checked=False):
-        self.path = os.fspath(path) if path is not None else default_db_path()
+        # Every argument is checked before the file is touched: bad input creates nothing.
+        self.path = self._checked_path(path) if path is not None else default_db_path()
+        if max_depth is not None:
+            self._checked_max_depth(max_depth)
+        if not isinstance(durable, bool):
+            raise BadInput(f"durable must be True or False, not {durable!r:.40}")
         self.durable = durable
         self.busy_timeout_s = parse_duration(busy_timeout, "busy_timeout")
+        if self.busy_timeout_s * 1000 >= 1 << 31:       # SQLite takes it as a C int of ms
+            raise BadInput(f"busy_timeout: {busy_timeout!r:.40} is too long (at most 24 days)")
+        if breaker is not None and not isinstance(breaker, BreakerPolicy):
+            raise BadInput(f"breaker must be a litequeue.BreakerPolicy, not {breaker!r:.40}")
         self.breaker_policy = breaker or BreakerPolicy()
         self.registry = {}
         self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s,
@@ -760,6 +769,18 @@ class Queue:
             self.set_max_depth(max_depth)
 
     # -- plumbing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _checked_path(path):
+        """The database path as a str, from a str, bytes or os.PathLike."""
+        try:
+            text = os.fsdecode(path)
+        except TypeError:
+            raise BadInput(f"database path must be a str, bytes or os.PathLike, not "
+                           f"{type(path).__name__} {path!r:.40}") from None
+        if not text or "\0" in text:
+            raise BadInput(f"database path must be a non-empty path without NUL, not {path!r:.60}")
+        return text
 
     def _tx(self):
         return _transaction(self.conn, self.path)
@@ -792,12 +813,16 @@ class Queue:
 
     def set_max_depth(self, max_depth):
         """Store the file's queued-job limit (0 = unbounded); every producer obeys it."""
-        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
-            raise BadInput(f"max_depth must be a whole number >= 0, not {max_depth!r}")
+        self._checked_max_depth(max_depth)
         with self._tx():
             self.conn.execute("INSERT INTO meta (key, value) VALUES ('max_depth', ?)"
                               " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                               (str(max_depth),))
+
+    @staticmethod
+    def _checked_max_depth(max_depth):
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+            raise BadInput(f"max_depth must be a whole number >= 0, not {max_depth!r:.40}")
 
     @property
     def max_depth(self):

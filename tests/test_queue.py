@@ -194,6 +194,38 @@ def test_missing_directory_is_unusable(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.parametrize("path", [123, 1.5, True, ["q.db"], object(), "", "q\0.db", b"q\0.db"])
+def test_a_path_that_is_not_a_path_is_bad_input(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(litequeue.BadInput) as info:
+        litequeue.Queue(path)
+    assert "database path" in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_may_be_str_bytes_or_path_like(tmp_path):
+    for path in (str(tmp_path / "s.db"), os.fsencode(tmp_path / "b.db"), tmp_path / "p.db"):
+        with litequeue.Queue(path) as queue:
+            assert queue.path == os.fsdecode(path)
+            queue.enqueue("echo")
+    assert sorted(os.listdir(tmp_path)) == ["b.db", "p.db", "s.db"]
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("max_depth", -1), ("max_depth", "5"), ("max_depth", 2.5), ("max_depth", True),
+    ("durable", "no"), ("durable", None), ("durable", 0),
+    ("busy_timeout", None), ("busy_timeout", "soon"), ("busy_timeout", -1),
+    ("busy_timeout", 1e10),
+    ("breaker", 3), ("breaker", {"failures": 2}),
+])
+def test_bad_queue_arguments_are_bad_input_and_create_nothing(tmp_path, argument, value):
+    path = tmp_path / "q.db"
+    with pytest.raises(litequeue.BadInput) as info:
+        litequeue.Queue(str(path), **{argument: value})
+    assert argument in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
 # -- the task catalogue ----------------------------------------------------------------------
 
 def test_task_defaults_are_stored_in_the_catalogue(queue):
