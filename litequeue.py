@@ -103,7 +103,7 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
 EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
 EXIT_CHILD_DB_WAIT = 76          # a child whose task met a busy or full database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
 MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
     1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
@@ -112,6 +112,7 @@ MIGRATIONS = {                   # {version: SQL taking a file from version to v
        "DROP INDEX jobs_task_state;"
        "CREATE INDEX jobs_task_queue ON jobs (task, priority, due_at, id)"
        " WHERE state = 'queued';",
+    2: "ALTER TABLE jobs ADD COLUMN overrides INTEGER NOT NULL DEFAULT 7;",
 }
 
 MiB = 1 << 20
@@ -581,7 +582,7 @@ class Job:
                  "max_attempts", "timeout_s", "memory_limit_bytes", "shed", "created_at",
                  "due_at", "expires_at", "started_at", "finished_at", "owner", "pid",
                  "cancel_requested", "preemptions", "recoveries", "result", "error",
-                 "checkpoint", "checkpoint_at", "progress_done", "progress_total")
+                 "checkpoint", "checkpoint_at", "progress_done", "progress_total", "overrides")
 
     def __init__(self, row, strict=False):
         """strict: a JSON column that does not parse raises UnreadableValue (a job about to
@@ -946,6 +947,8 @@ class Queue:
             "max_attempts": pick("max_attempts"),
             "timeout_s": pick("timeout_s"),
             "memory_limit_bytes": pick("memory_limit_bytes"),
+            "overrides": sum(bit for name, bit in self.RESOLVED_AT_CLAIM.items()
+                             if given[name] is not None),
             "shed": int(defaults.shed),
             "created_at": at,
             "due_at": due_at,
@@ -984,9 +987,10 @@ class Queue:
     def _insert_job(self, row):
         self.conn.execute(
             "INSERT INTO jobs (task, payload, priority, state, unique_key, max_attempts,"
-            " timeout_s, memory_limit_bytes, shed, created_at, due_at, expires_at)"
+            " timeout_s, memory_limit_bytes, overrides, shed, created_at, due_at, expires_at)"
             " VALUES (:task, :payload, :priority, 'queued', :unique_key, :max_attempts,"
-            " :timeout_s, :memory_limit_bytes, :shed, :created_at, :due_at, :expires_at)", row)
+            " :timeout_s, :memory_limit_bytes, :overrides, :shed, :created_at, :due_at,"
+            " :expires_at)", row)
         # No event: the row's created_at records the creation, and the events table records
         # what happens to a job from then on (measured: an events row per enqueue costs a
         # tenth of the enqueue rate under synchronous=FULL).
@@ -1142,6 +1146,9 @@ class Queue:
     def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
         """Atomically take up to `limit` due jobs (priority, then due time, then id) for
         `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
+        `tasks`: the names of the tasks the claimer serves (None: any); a dict {name: Task}
+        also gives its declarations, which come before the catalogue when a job's options
+        resolve (see RESOLVED_AT_CLAIM).
 
         A claim is committed without its own fsync, even on a durable queue: it records only
         a lease. Should power fail before a later commit syncs the log, the job is found
@@ -1188,10 +1195,12 @@ class Queue:
                 row = self._next_due(priority, at, served, blocked)
                 if row is None:
                     break
-                (running,) = _rows(self.conn.execute(
-                    "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
-                    " attempts = attempts + 1, pid = ? WHERE id = ? RETURNING *",
-                    (owner, at, pid, row["id"])))
+                task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
+                (running,) = _rows(self.conn.execute(self._CLAIM_SQL, {
+                    "owner": owner, "at": at, "pid": pid, "id": row["id"],
+                    "declared": task is not None,
+                    **{name: None if task is None else getattr(task.defaults, name)
+                       for name in self.RESOLVED_AT_CLAIM}}))
                 self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
                 try:
                     job = Job(running, strict=True)
@@ -1203,6 +1212,25 @@ class Queue:
                     blocked.add(row["task"])           # exactly one trial job
                 claimed.append(job)
         return claimed
+
+    # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
+    # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
+    # from the claimer's declaration of the task, else the catalogue row, else the global
+    # defaults (DEFAULT_MAX_ATTEMPTS; no timeout; the supervisor's memory limit).
+    RESOLVED_AT_CLAIM = {"max_attempts": 1, "timeout_s": 2, "memory_limit_bytes": 4}
+    _CLAIM_SQL = (
+        "UPDATE jobs SET state = 'running', owner = :owner, started_at = :at,"
+        " attempts = attempts + 1, pid = :pid,"
+        " max_attempts = CASE WHEN overrides & 1 THEN max_attempts"
+        " WHEN :declared THEN :max_attempts ELSE coalesce((SELECT t.max_attempts FROM tasks t"
+        f" WHERE t.name = jobs.task), {DEFAULT_MAX_ATTEMPTS}) END,"
+        " timeout_s = CASE WHEN overrides & 2 THEN timeout_s"
+        " WHEN :declared THEN :timeout_s ELSE (SELECT t.timeout_s FROM tasks t"
+        " WHERE t.name = jobs.task) END,"
+        " memory_limit_bytes = CASE WHEN overrides & 4 THEN memory_limit_bytes"
+        " WHEN :declared THEN :memory_limit_bytes ELSE (SELECT t.memory_limit_bytes"
+        " FROM tasks t WHERE t.name = jobs.task) END"
+        " WHERE id = :id RETURNING *")
 
     CLAIM_WINDOW = 64
 
