@@ -105,7 +105,7 @@ EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because 
 # state (a failure is retried while attempts remain; a requeue may be charged an attempt).
 ENDING_FAILED, ENDING_REQUEUED = "failed", "requeued"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
 MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
     1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
@@ -114,6 +114,7 @@ MIGRATIONS = {                   # {version: SQL taking a file from version to v
        "DROP INDEX jobs_task_state;"
        "CREATE INDEX jobs_task_queue ON jobs (task, priority, due_at, id)"
        " WHERE state = 'queued';",
+    2: "ALTER TABLE jobs ADD COLUMN overrides INTEGER NOT NULL DEFAULT 7;",
 }
 
 MiB = 1 << 20
@@ -585,7 +586,7 @@ class Job:
                  "max_attempts", "timeout_s", "memory_limit_bytes", "shed", "created_at",
                  "due_at", "expires_at", "started_at", "finished_at", "owner", "pid",
                  "cancel_requested", "preemptions", "recoveries", "result", "error",
-                 "checkpoint", "checkpoint_at", "progress_done", "progress_total")
+                 "checkpoint", "checkpoint_at", "progress_done", "progress_total", "overrides")
 
     def __init__(self, row, strict=False):
         """strict: a JSON column that does not parse raises UnreadableValue (a job about to
@@ -784,9 +785,18 @@ class Queue:
 
     def __init__(self, path=None, max_depth=None, *, durable=True,
                  busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None, create=True, _checked=False):
-        self.path = os.fspath(path) if path is not None else default_db_path()
+        # Every argument is checked before the file is touched: bad input creates nothing.
+        self.path = self._checked_path(path) if path is not None else default_db_path()
+        if max_depth is not None:
+            self._checked_max_depth(max_depth)
+        if not isinstance(durable, bool):
+            raise BadInput(f"durable must be True or False, not {durable!r:.40}")
         self.durable = durable
         self.busy_timeout_s = parse_duration(busy_timeout, "busy_timeout")
+        if self.busy_timeout_s * 1000 >= 1 << 31:       # SQLite takes it as a C int of ms
+            raise BadInput(f"busy_timeout: {busy_timeout!r:.40} is too long (at most 24 days)")
+        if breaker is not None and not isinstance(breaker, BreakerPolicy):
+            raise BadInput(f"breaker must be a litequeue.BreakerPolicy, not {breaker!r:.40}")
         self.breaker_policy = breaker or BreakerPolicy()
         self.registry = {}
         self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s,
@@ -795,6 +805,18 @@ class Queue:
             self.set_max_depth(max_depth)
 
     # -- plumbing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _checked_path(path):
+        """The database path as a str, from a str, bytes or os.PathLike."""
+        try:
+            text = os.fsdecode(path)
+        except TypeError:
+            raise BadInput(f"database path must be a str, bytes or os.PathLike, not "
+                           f"{type(path).__name__} {path!r:.40}") from None
+        if not text or "\0" in text:
+            raise BadInput(f"database path must be a non-empty path without NUL, not {path!r:.60}")
+        return text
 
     def _tx(self):
         return _transaction(self.conn, self.path)
@@ -827,12 +849,16 @@ class Queue:
 
     def set_max_depth(self, max_depth):
         """Store the file's queued-job limit (0 = unbounded); every producer obeys it."""
-        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
-            raise BadInput(f"max_depth must be a whole number >= 0, not {max_depth!r}")
+        self._checked_max_depth(max_depth)
         with self._tx():
             self.conn.execute("INSERT INTO meta (key, value) VALUES ('max_depth', ?)"
                               " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                               (str(max_depth),))
+
+    @staticmethod
+    def _checked_max_depth(max_depth):
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+            raise BadInput(f"max_depth must be a whole number >= 0, not {max_depth!r:.40}")
 
     @property
     def max_depth(self):
@@ -956,6 +982,8 @@ class Queue:
             "max_attempts": pick("max_attempts"),
             "timeout_s": pick("timeout_s"),
             "memory_limit_bytes": pick("memory_limit_bytes"),
+            "overrides": sum(bit for name, bit in self.RESOLVED_AT_CLAIM.items()
+                             if given[name] is not None),
             "shed": int(defaults.shed),
             "created_at": at,
             "due_at": due_at,
@@ -994,9 +1022,10 @@ class Queue:
     def _insert_job(self, row):
         self.conn.execute(
             "INSERT INTO jobs (task, payload, priority, state, unique_key, max_attempts,"
-            " timeout_s, memory_limit_bytes, shed, created_at, due_at, expires_at)"
+            " timeout_s, memory_limit_bytes, overrides, shed, created_at, due_at, expires_at)"
             " VALUES (:task, :payload, :priority, 'queued', :unique_key, :max_attempts,"
-            " :timeout_s, :memory_limit_bytes, :shed, :created_at, :due_at, :expires_at)", row)
+            " :timeout_s, :memory_limit_bytes, :overrides, :shed, :created_at, :due_at,"
+            " :expires_at)", row)
         # No event: the row's created_at records the creation, and the events table records
         # what happens to a job from then on (measured: an events row per enqueue costs a
         # tenth of the enqueue rate under synchronous=FULL).
@@ -1152,6 +1181,9 @@ class Queue:
     def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
         """Atomically take up to `limit` due jobs (priority, then due time, then id) for
         `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
+        `tasks`: the names of the tasks the claimer serves (None: any); a dict {name: Task}
+        also gives its declarations, which come before the catalogue when a job's options
+        resolve (see RESOLVED_AT_CLAIM).
 
         A claim is committed without its own fsync, even on a durable queue: it records only
         a lease. Should power fail before a later commit syncs the log, the job is found
@@ -1198,10 +1230,12 @@ class Queue:
                 row = self._next_due(priority, at, served, blocked)
                 if row is None:
                     break
-                (running,) = _rows(self.conn.execute(
-                    "UPDATE jobs SET state = 'running', owner = ?, started_at = ?,"
-                    " attempts = attempts + 1, pid = ? WHERE id = ? RETURNING *",
-                    (owner, at, pid, row["id"])))
+                task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
+                (running,) = _rows(self.conn.execute(self._CLAIM_SQL, {
+                    "owner": owner, "at": at, "pid": pid, "id": row["id"],
+                    "declared": task is not None,
+                    **{name: None if task is None else getattr(task.defaults, name)
+                       for name in self.RESOLVED_AT_CLAIM}}))
                 self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
                 try:
                     job = Job(running, strict=True)
@@ -1213,6 +1247,25 @@ class Queue:
                     blocked.add(row["task"])           # exactly one trial job
                 claimed.append(job)
         return claimed
+
+    # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
+    # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
+    # from the claimer's declaration of the task, else the catalogue row, else the global
+    # defaults (DEFAULT_MAX_ATTEMPTS; no timeout; the supervisor's memory limit).
+    RESOLVED_AT_CLAIM = {"max_attempts": 1, "timeout_s": 2, "memory_limit_bytes": 4}
+    _CLAIM_SQL = (
+        "UPDATE jobs SET state = 'running', owner = :owner, started_at = :at,"
+        " attempts = attempts + 1, pid = :pid,"
+        " max_attempts = CASE WHEN overrides & 1 THEN max_attempts"
+        " WHEN :declared THEN :max_attempts ELSE coalesce((SELECT t.max_attempts FROM tasks t"
+        f" WHERE t.name = jobs.task), {DEFAULT_MAX_ATTEMPTS}) END,"
+        " timeout_s = CASE WHEN overrides & 2 THEN timeout_s"
+        " WHEN :declared THEN :timeout_s ELSE (SELECT t.timeout_s FROM tasks t"
+        " WHERE t.name = jobs.task) END,"
+        " memory_limit_bytes = CASE WHEN overrides & 4 THEN memory_limit_bytes"
+        " WHEN :declared THEN :memory_limit_bytes ELSE (SELECT t.memory_limit_bytes"
+        " FROM tasks t WHERE t.name = jobs.task) END"
+        " WHERE id = :id RETURNING *")
 
     CLAIM_WINDOW = 64
 
@@ -1319,7 +1372,9 @@ class Queue:
 
     def _fail_in_tx(self, job_id, owner, attempt, error, retryable, breaker_failure, at):
         job = self._leased(job_id, owner, attempt)
-        if job.cancel_requested:                 # asked to cancel: no retry, and no failure
+        if job.cancel_requested:
+            # Asked to cancel: no retry, and however the task ended (an exception from
+            # being interrupted, a kill) it says nothing of the task's health.
             breaker_release_trial(self, job.task, job_id, at)
             self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
             return CANCELLED

@@ -1,4 +1,4 @@
--- litequeue schema, version 2 (PRAGMA user_version = 2).
+-- litequeue schema, version 3 (PRAGMA user_version = 3).
 -- This file is the whole current schema. Connection pragmas (WAL, synchronous, busy
 -- timeout) live in litequeue.py; schema changes get a migration step there too.
 -- Times are epoch seconds (REAL), always bound from Python, never computed in SQL.
@@ -53,7 +53,12 @@ CREATE TABLE jobs (
     checkpoint         TEXT,                               -- JSON, the last ctx.save()
     checkpoint_at      REAL,
     progress_done      REAL,
-    progress_total     REAL
+    progress_total     REAL,
+    -- Which of max_attempts (1), timeout_s (2), memory_limit_bytes (4) the job set itself.
+    -- The others resolve when it is claimed (the claimer's declaration of the task, else
+    -- the catalogue, else the global defaults); before that they hold enqueue's guess.
+    -- v3, added last; the default keeps rows of older files exactly as they were.
+    overrides          INTEGER NOT NULL DEFAULT 7
 );
 
 -- The claim path: per priority, due time then id, over waiting jobs only.

@@ -316,6 +316,65 @@ def test_preemption_cancellation_and_shutdown_are_not_failures(queue):
         assert (breaker(queue, "flaky") or {"failures": 0})["failures"] == 0
 
 
+def test_permanent_failures_do_not_count_and_a_permanent_trial_frees_its_slot(queue,
+                                                                             other_queue):
+    """A task that raised litequeue.Permanent: fail(retryable=False, breaker_failure=False)."""
+    permanent = {"retryable": False, "breaker_failure": False}
+    with freeze_time(T0) as clock:
+        for _ in range(3):                  # three failures in a row would have opened it
+            queue.enqueue("flaky", max_attempts=3)
+            job = claim_one(queue, "sup-a", "flaky")
+            assert queue.fail(job.id, "sup-a", job.attempts, "no such document",
+                              **permanent) == litequeue.DEAD
+            clock.tick(1)
+        assert state_of(queue, "flaky") == "closed"
+        assert (breaker(queue, "flaky") or {"failures": 0})["failures"] == 0
+
+        opened_at = open_breaker(queue, clock)
+        first, second = queue.enqueue("flaky"), queue.enqueue("flaky")
+        advance_to(clock, opened_at + COOLDOWN_S)
+        trial = claim_one(queue, "sup-a", "flaky")
+        assert trial.id == first
+        assert queue.fail(trial.id, "sup-a", trial.attempts, "no such document",
+                          **permanent) == litequeue.DEAD
+        row = breaker(other_queue, "flaky")
+        assert (row["state"], row["trial_job_id"], row["cooldown_s"]) == (
+            "half-open", None, COOLDOWN_S)
+        assert claim_one(other_queue, "sup-b", "flaky").id == second     # the next trial
+
+
+def test_jobs_cancelled_while_running_are_not_failures_however_their_tasks_end(queue):
+    with freeze_time(T0) as clock:
+        ids = [queue.enqueue("flaky", max_attempts=5) for _ in range(3)]
+        jobs = queue.claim("sup-a", tasks=["flaky"], limit=3)
+        assert [job.id for job in jobs] == ids
+        for job in jobs:
+            assert queue.cancel(job.id) == litequeue.RUNNING
+        for job in jobs:                     # each task then raised (or was killed)
+            assert queue.fail(job.id, "sup-a", job.attempts,
+                              "RuntimeError: interrupted") == litequeue.CANCELLED
+            clock.tick(1)
+        assert [queue.get(job_id).state for job_id in ids] == ["cancelled"] * 3
+        assert state_of(queue, "flaky") == "closed"
+        assert (breaker(queue, "flaky") or {"failures": 0})["failures"] == 0
+
+
+def test_a_cancelled_trial_that_raised_frees_the_slot_without_reopening(queue, other_queue):
+    with freeze_time(T0) as clock:
+        opened_at = open_breaker(queue, clock)
+        first, second = queue.enqueue("flaky"), queue.enqueue("flaky")
+        advance_to(clock, opened_at + COOLDOWN_S)
+        trial = claim_one(queue, "sup-a", "flaky")
+        assert trial.id == first
+        queue.cancel(trial.id)
+        assert queue.fail(trial.id, "sup-a", trial.attempts,
+                          "RuntimeError: interrupted") == litequeue.CANCELLED
+        row = breaker(other_queue, "flaky")
+        assert (row["state"], row["trial_job_id"], row["cooldown_s"]) == (
+            "half-open", None, COOLDOWN_S)
+        assert claim_one(other_queue, "sup-b", "flaky").id == second
+
+
 def test_a_stale_failure_during_half_open_does_not_overrule_the_trial(queue, other_queue):
     """A job claimed before the breaker opened fails while the trial runs: the trial, not
     the stale job, decides (as a stale failure while open is ignored)."""

@@ -194,6 +194,38 @@ def test_missing_directory_is_unusable(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.parametrize("path", [123, 1.5, True, ["q.db"], object(), "", "q\0.db", b"q\0.db"])
+def test_a_path_that_is_not_a_path_is_bad_input(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(litequeue.BadInput) as info:
+        litequeue.Queue(path)
+    assert "database path" in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_may_be_str_bytes_or_path_like(tmp_path):
+    for path in (str(tmp_path / "s.db"), os.fsencode(tmp_path / "b.db"), tmp_path / "p.db"):
+        with litequeue.Queue(path) as queue:
+            assert queue.path == os.fsdecode(path)
+            queue.enqueue("echo")
+    assert sorted(os.listdir(tmp_path)) == ["b.db", "p.db", "s.db"]
+
+
+@pytest.mark.parametrize("argument, value", [
+    ("max_depth", -1), ("max_depth", "5"), ("max_depth", 2.5), ("max_depth", True),
+    ("durable", "no"), ("durable", None), ("durable", 0),
+    ("busy_timeout", None), ("busy_timeout", "soon"), ("busy_timeout", -1),
+    ("busy_timeout", 1e10),
+    ("breaker", 3), ("breaker", {"failures": 2}),
+])
+def test_bad_queue_arguments_are_bad_input_and_create_nothing(tmp_path, argument, value):
+    path = tmp_path / "q.db"
+    with pytest.raises(litequeue.BadInput) as info:
+        litequeue.Queue(str(path), **{argument: value})
+    assert argument in str(info.value) and "\n" not in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
 # -- the task catalogue ----------------------------------------------------------------------
 
 def test_task_defaults_are_stored_in_the_catalogue(queue):
@@ -823,6 +855,22 @@ def test_fail_not_retryable_is_dead_at_once(queue):
     job = claim_one(queue)
     assert queue.fail(job_id, "w1", job.attempts, "bad payload", retryable=False) == "dead"
     assert queue.get(job_id).state == "dead" and queue.get(job_id).error == "bad payload"
+
+
+def test_a_permanent_failure_is_dead_at_once_with_its_reason(queue):
+    """What a task raising litequeue.Permanent("why") comes to: fail(retryable=False,
+    breaker_failure=False), whatever attempts are left."""
+    assert "Permanent" in litequeue.__all__
+    assert issubclass(litequeue.Permanent, Exception)
+    assert not issubclass(litequeue.Permanent, litequeue.Error)     # a signal, not an error
+    reason = str(litequeue.Permanent("document 7 does not exist"))
+    job_id = queue.enqueue("echo", max_attempts=5)
+    job = claim_one(queue)
+    assert queue.fail(job_id, "w1", job.attempts, reason, retryable=False,
+                      breaker_failure=False) == "dead"
+    dead = queue.get(job_id)
+    assert (dead.state, dead.error, dead.attempts, dead.max_attempts) == ("dead", reason, 1, 5)
+    assert queue.events(job_id=job_id, kind="job")[-1]["reason"] == reason
 
 
 def test_backoff_doubles_within_jitter_bounds_and_is_capped():
