@@ -25,16 +25,25 @@ def job(db, job_id):
 
 def run_until(supervisor, predicate, timeout=30):
     """Run a supervisor here (it needs the main thread for its signals) until predicate()
-    holds, checked from a thread that then stops it."""
+    holds, checked from a thread that then stops it. A predicate that never holds (or
+    raises) fails the test, here in the test's thread, once the supervisor has stopped."""
+    outcome = []
+
     def stop_when_done():
         try:
             wait_for(predicate, timeout=timeout)
+            outcome.append(None)
+        except BaseException as exc:               # raised again below, where pytest sees it
+            outcome.append(exc)
         finally:
             supervisor.stop(now_=True)
-    watcher = threading.Thread(target=stop_when_done)
+    watcher = threading.Thread(target=stop_when_done, daemon=True)
     watcher.start()
     supervisor.run()
     watcher.join()
+    assert outcome, "the watcher ended without a verdict"
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def test_a_stalled_supervisor_keeps_its_job(tmp_path, db_path):
@@ -176,6 +185,8 @@ def test_a_database_busy_past_the_timeout_is_waited_out(db_path):
     observer = litequeue.Queue(db_path)
     run_until(sup, lambda: locked.is_set() and observer.get(job_id).state == "done")
     holder.join()
+    finished = observer.get(job_id)
+    assert (finished.state, finished.result) == ("done", {"after": "busy"}), finished.error
 
 
 def test_what_a_task_leaves_running_dies_with_its_job(tmp_path, db_path):
