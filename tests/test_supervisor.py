@@ -254,6 +254,14 @@ APP_MEMORY = """
 
     @queue.task(max_attempts=1)
     def hog_1g(ctx):
+        # What the child runs under, kept as its checkpoint (a failed job keeps it): the
+        # test checks the rlimit was in force here, not only that the job ended.
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        with open("/proc/self/status") as f:
+            vm_data = next(int(line.split()[1]) << 10 for line in f
+                           if line.startswith("VmData:"))
+        ctx.save({"rlimit_data": [soft, hard], "vm_data": vm_data})
         block = bytearray(b"x") * (1 << 30)
         return {"len": len(block)}
 
@@ -294,8 +302,12 @@ def test_one_gib_under_400m_limit_fails_that_job_only(tmp_path, db_path, serve):
     wait_for(lambda: state_of(db_path, hog) == "dead", timeout=15)
     wait_for(lambda: all(state_of(db_path, j) == "done" for j in good), timeout=10)
     job = get(db_path, hog)
-    assert "memory limit exceeded" in job.error
-    assert "400 MiB" in job.error                      # the figures: which limit it hit
+    # Refused by the rlimit in the child (MemoryError), not killed by the supervisor's RSS
+    # poll, whose error also starts "memory limit exceeded" and names 400 MiB.
+    assert "memory limit exceeded: MemoryError under the 400 MiB limit" in job.error, job.error
+    soft, _ = job.checkpoint["rlimit_data"]
+    # The limit is the job's 400 MiB on top of what the child held when it was set.
+    assert 400 * MiB <= soft <= job.checkpoint["vm_data"] + 400 * MiB, job.checkpoint
     assert server.alive()
     # The allocation happened in the child: the supervisor's own memory did not move.
     rss_after = server.rss_bytes()
