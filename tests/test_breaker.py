@@ -126,6 +126,33 @@ def test_failures_of_one_task_do_not_touch_another_tasks_breaker(queue):
         assert state_of(queue, "shaky") == "closed"
 
 
+
+# The window's edge, on the pure transition: two earlier failures, one `age` seconds old and
+# one a second old, then a third now. A failure exactly window_s old still counts.
+WINDOW_S, EPS = 60.0, 0.001
+
+
+@pytest.mark.parametrize("age, opens", [
+    (WINDOW_S - EPS, True),
+    (WINDOW_S, True),
+    (WINDOW_S + EPS, False),
+], ids=["window-eps", "window", "window+eps"])
+def test_a_failure_exactly_the_window_old_still_counts(age, opens):
+    policy = litequeue.BreakerPolicy(failures=3, window_s=WINDOW_S, cooldown_s=COOLDOWN_S)
+    at = 1000.0                                     # at - window_s is exact in floats
+    row = {**litequeue.new_breaker("flaky", at - age),
+           "failures": json.dumps([at - age, at - 1.0])}
+    after = litequeue.breaker_after_failure(row, at, policy, job_id=3)
+    if opens:
+        assert (after["state"], after["opened_at"], after["cooldown_s"]) == (
+            "open", at, COOLDOWN_S)
+        assert litequeue.breaker_gate(after, at) == "blocked"
+    else:
+        assert after["state"] == "closed"
+        assert json.loads(after["failures"]) == [at - 1.0, at]   # the old one left the window
+        assert litequeue.breaker_gate(after, at) == "closed"
+
+
 # -- open --------------------------------------------------------------------------------
 
 def test_while_open_its_jobs_stay_queued_and_uncharged_and_others_run(queue):
@@ -237,6 +264,7 @@ def test_trial_success_closes_the_breaker(queue, other_queue):
         both = other_queue.claim("sup-b", tasks=["flaky"], limit=5)
         assert sorted(job.id for job in both) == ids[1:]
         assert breaker_events(queue, "flaky")[-1] == ("half-open", "closed")
+
 
 
 def test_trial_failure_reopens_with_doubled_cooldown_capped_at_ten_minutes(queue):
