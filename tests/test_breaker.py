@@ -267,6 +267,50 @@ def test_trial_success_closes_the_breaker(queue, other_queue):
 
 
 
+TRIAL_JOB = 7
+
+
+@pytest.mark.parametrize("trial_job_id, succeeded, state_after, gate_after", [
+    (TRIAL_JOB, TRIAL_JOB, "closed", "closed"),            # the trial's success closes it
+    (TRIAL_JOB, TRIAL_JOB + 1, "half-open", "blocked"),    # a job claimed before it opened
+    (TRIAL_JOB, None, "half-open", "blocked"),
+    (None, TRIAL_JOB + 1, "half-open", "trial"),           # trial released, none running
+], ids=["the-trial", "another-job", "no-job-id", "no-trial-running"])
+def test_only_the_trials_success_closes_a_half_open_breaker(trial_job_id, succeeded,
+                                                           state_after, gate_after):
+    at = 1000.0
+    row = {**litequeue.new_breaker("flaky", at - 1), "state": "half-open",
+           "opened_at": at - COOLDOWN_S - 1, "cooldown_s": COOLDOWN_S,
+           "trial_job_id": trial_job_id}
+    after = litequeue.breaker_after_success(row, succeeded, at)
+    assert after["state"] == state_after
+    assert litequeue.breaker_gate(after, at) == gate_after
+    if state_after == "half-open":
+        assert after == row                                 # untouched: the trial decides
+    else:
+        assert (after["failures"], after["trial_job_id"], after["opened_at"]) == ("[]", None,
+                                                                                  None)
+
+
+def test_a_stale_success_during_half_open_leaves_it_half_open(queue, other_queue):
+    """A job claimed before the breaker opened succeeds while the trial runs: still one
+    trial, still half-open, until the trial itself succeeds."""
+    with freeze_time(T0) as clock:
+        queue.enqueue("flaky")
+        stale = claim_one(queue, "sup-a", "flaky")
+        opened_at = open_breaker(queue, clock)
+        queue.enqueue("flaky")
+        waiting = queue.enqueue("flaky")
+        advance_to(clock, opened_at + COOLDOWN_S)
+        trial = claim_one(other_queue, "sup-b", "flaky")
+        queue.complete(stale.id, "sup-a", stale.attempts)
+        row = breaker(queue, "flaky")
+        assert (row["state"], row["trial_job_id"]) == ("half-open", trial.id)
+        assert claim_one(queue, "sup-a", "flaky") is None
+        other_queue.complete(trial.id, "sup-b", trial.attempts)
+        assert state_of(queue, "flaky") == "closed"
+        assert claim_one(queue, "sup-a", "flaky").id == waiting
+
 def test_trial_failure_reopens_with_doubled_cooldown_capped_at_ten_minutes(queue):
     with freeze_time(T0) as clock:
         opened_at = open_breaker(queue, clock)
