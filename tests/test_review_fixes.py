@@ -46,13 +46,21 @@ def run_until(supervisor, predicate, timeout=30):
         raise outcome[0]
 
 
+def heartbeat_of(db, pid):
+    """The last heartbeat of the supervisor with this pid, or None."""
+    with litequeue.Queue(db) as q:
+        return next((s["heartbeat_at"] for s in q.live_supervisors() if s["pid"] == pid), None)
+
+
 def test_a_stalled_supervisor_keeps_its_job(tmp_path, db_path):
     """SIGSTOP longer than two heartbeats: the other supervisor on this host sees the pid alive
     and does not take the job (its child may still be running it)."""
-    app = write_app(tmp_path, """
+    finish = tmp_path / "finish"
+    app = write_app(tmp_path, f"""
         @queue.task
         def slow(ctx):
-            time.sleep(6)
+            while not os.path.exists({str(finish)!r}):    # runs until the test lets it end
+                time.sleep(0.05)
             return os.getpid()
     """)
     env = {"LITEQUEUE_DB": db_path}
@@ -63,10 +71,19 @@ def test_a_stalled_supervisor_keeps_its_job(tmp_path, db_path):
         wait_for(lambda: job(db_path, job_id).state == "running")
         b = start_serve("--app", app, db=db_path, env=env)
         try:
+            wait_for(lambda: heartbeat_of(db_path, b.pid))
             os.kill(a.pid, signal.SIGSTOP)
-            time.sleep(5)                           # B's recovery pass runs every 2 s
-            assert job(db_path, job_id).recoveries == 0
+            wait_for(lambda: psutil.Process(a.pid).status() == psutil.STATUS_STOPPED)
+            stale_at = heartbeat_of(db_path, a.pid) + 2 * litequeue.SUPERVISOR_HEARTBEAT_S
+            # B runs its recovery pass right after each heartbeat: a heartbeat of B's once A
+            # is two heartbeats stale, then B's next one, and a whole pass has looked at A.
+            looked_at = wait_for(lambda: (beat := heartbeat_of(db_path, b.pid)) > stale_at
+                                 and beat, timeout=15)
+            wait_for(lambda: heartbeat_of(db_path, b.pid) > looked_at, timeout=10)
+            stalled = job(db_path, job_id)
+            assert (stalled.state, stalled.recoveries) == ("running", 0), stalled.error
             os.kill(a.pid, signal.SIGCONT)
+            finish.touch()
             wait_for(lambda: job(db_path, job_id).state == "done", timeout=20)
             assert job(db_path, job_id).attempts == 1
         finally:
