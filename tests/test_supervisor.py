@@ -539,6 +539,7 @@ def test_live_supervisor_recovers_a_dead_ones_job_within_seconds(tmp_path, db_pa
     second = serve("--app", app, *FAST)
     wait_for(second.registered)
     children = first.children()
+    assert children                                  # else the PDEATHSIG check below is empty
 
     first.proc.send_signal(signal.SIGKILL)
     first.wait()
@@ -584,6 +585,7 @@ def test_sigterm_requeues_running_job_uncharged_and_next_serve_resumes(tmp_path,
         job_id = q.enqueue("steps", {"n": 30, "step_s": 0.05})
     wait_for(lambda: (get(db_path, job_id).checkpoint or {}).get("i", 0) >= 3, timeout=10)
     children = server.children()
+    assert children
 
     asked_at = time.monotonic()
     assert server.terminate(timeout=grace_s + 5) == 0
@@ -628,6 +630,7 @@ def test_signal_to_the_whole_service_requeues_uncharged(tmp_path, db_path, how):
             job_id = q.enqueue("steps", {"n": 30, "step_s": 0.05}, max_attempts=1)
         wait_for(lambda: (get(db_path, job_id).checkpoint or {}).get("i", 0) >= 3, timeout=10)
         children = psutil.Process(proc.pid).children(recursive=True)
+        assert children                              # else only the supervisor is signalled
         # Both get the signal at once; which one acts first is a race. Holding the
         # supervisor with SIGSTOP until the children have acted makes the test see the
         # ordering where the child acts first, every time.
