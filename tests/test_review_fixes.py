@@ -2,6 +2,7 @@
 a fork that hangs on a copied lock, a cancel that meets a failure, a refused fork, memory
 inherited from the supervisor, a busy database, what a task leaves behind, huge numbers."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -181,9 +182,10 @@ def test_memory_the_app_holds_at_import_is_not_charged_to_a_job(tmp_path, db_pat
     assert (finished.state, finished.result) == ("done", 250), finished.error
 
 
-def test_a_database_busy_past_the_timeout_is_waited_out(db_path):
+def test_a_database_busy_past_the_timeout_is_waited_out(db_path, caplog):
     """Another process holds the write lock for longer than the supervisor's busy timeout:
     the supervisor logs it, keeps running, and runs the job once the lock is gone."""
+    caplog.set_level(logging.WARNING, logger="litequeue")
     queue = litequeue.Queue(db_path, busy_timeout=0.2)
     job_id = queue.enqueue("echo", {"after": "busy"}, delay=0.5)
     locked = threading.Event()
@@ -204,6 +206,8 @@ def test_a_database_busy_past_the_timeout_is_waited_out(db_path):
     holder.join()
     finished = observer.get(job_id)
     assert (finished.state, finished.result) == ("done", {"after": "busy"}), finished.error
+    waited = [r.getMessage() for r in caplog.records if r.getMessage().endswith("trying again")]
+    assert waited, "the busy timeout was never met"
 
 
 def test_what_a_task_leaves_running_dies_with_its_job(tmp_path, db_path):
