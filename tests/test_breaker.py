@@ -126,6 +126,33 @@ def test_failures_of_one_task_do_not_touch_another_tasks_breaker(queue):
         assert state_of(queue, "shaky") == "closed"
 
 
+
+# The window's edge, on the pure transition: two earlier failures, one `age` seconds old and
+# one a second old, then a third now. A failure exactly window_s old still counts.
+WINDOW_S, EPS = 60.0, 0.001
+
+
+@pytest.mark.parametrize("age, opens", [
+    (WINDOW_S - EPS, True),
+    (WINDOW_S, True),
+    (WINDOW_S + EPS, False),
+], ids=["window-eps", "window", "window+eps"])
+def test_a_failure_exactly_the_window_old_still_counts(age, opens):
+    policy = litequeue.BreakerPolicy(failures=3, window_s=WINDOW_S, cooldown_s=COOLDOWN_S)
+    at = 1000.0                                     # at - window_s is exact in floats
+    row = {**litequeue.new_breaker("flaky", at - age),
+           "failures": json.dumps([at - age, at - 1.0])}
+    after = litequeue.breaker_after_failure(row, at, policy, job_id=3)
+    if opens:
+        assert (after["state"], after["opened_at"], after["cooldown_s"]) == (
+            "open", at, COOLDOWN_S)
+        assert litequeue.breaker_gate(after, at) == "blocked"
+    else:
+        assert after["state"] == "closed"
+        assert json.loads(after["failures"]) == [at - 1.0, at]   # the old one left the window
+        assert litequeue.breaker_gate(after, at) == "closed"
+
+
 # -- open --------------------------------------------------------------------------------
 
 def test_while_open_its_jobs_stay_queued_and_uncharged_and_others_run(queue):
@@ -238,6 +265,51 @@ def test_trial_success_closes_the_breaker(queue, other_queue):
         assert sorted(job.id for job in both) == ids[1:]
         assert breaker_events(queue, "flaky")[-1] == ("half-open", "closed")
 
+
+
+TRIAL_JOB = 7
+
+
+@pytest.mark.parametrize("trial_job_id, succeeded, state_after, gate_after", [
+    (TRIAL_JOB, TRIAL_JOB, "closed", "closed"),            # the trial's success closes it
+    (TRIAL_JOB, TRIAL_JOB + 1, "half-open", "blocked"),    # a job claimed before it opened
+    (TRIAL_JOB, None, "half-open", "blocked"),
+    (None, TRIAL_JOB + 1, "half-open", "trial"),           # trial released, none running
+], ids=["the-trial", "another-job", "no-job-id", "no-trial-running"])
+def test_only_the_trials_success_closes_a_half_open_breaker(trial_job_id, succeeded,
+                                                           state_after, gate_after):
+    at = 1000.0
+    row = {**litequeue.new_breaker("flaky", at - 1), "state": "half-open",
+           "opened_at": at - COOLDOWN_S - 1, "cooldown_s": COOLDOWN_S,
+           "trial_job_id": trial_job_id}
+    after = litequeue.breaker_after_success(row, succeeded, at)
+    assert after["state"] == state_after
+    assert litequeue.breaker_gate(after, at) == gate_after
+    if state_after == "half-open":
+        assert after == row                                 # untouched: the trial decides
+    else:
+        assert (after["failures"], after["trial_job_id"], after["opened_at"]) == ("[]", None,
+                                                                                  None)
+
+
+def test_a_stale_success_during_half_open_leaves_it_half_open(queue, other_queue):
+    """A job claimed before the breaker opened succeeds while the trial runs: still one
+    trial, still half-open, until the trial itself succeeds."""
+    with freeze_time(T0) as clock:
+        queue.enqueue("flaky")
+        stale = claim_one(queue, "sup-a", "flaky")
+        opened_at = open_breaker(queue, clock)
+        queue.enqueue("flaky")
+        waiting = queue.enqueue("flaky")
+        advance_to(clock, opened_at + COOLDOWN_S)
+        trial = claim_one(other_queue, "sup-b", "flaky")
+        queue.complete(stale.id, "sup-a", stale.attempts)
+        row = breaker(queue, "flaky")
+        assert (row["state"], row["trial_job_id"]) == ("half-open", trial.id)
+        assert claim_one(queue, "sup-a", "flaky") is None
+        other_queue.complete(trial.id, "sup-b", trial.attempts)
+        assert state_of(queue, "flaky") == "closed"
+        assert claim_one(queue, "sup-a", "flaky").id == waiting
 
 def test_trial_failure_reopens_with_doubled_cooldown_capped_at_ten_minutes(queue):
     with freeze_time(T0) as clock:

@@ -2,6 +2,7 @@
 a fork that hangs on a copied lock, a cancel that meets a failure, a refused fork, memory
 inherited from the supervisor, a busy database, what a task leaves behind, huge numbers."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,25 +26,42 @@ def job(db, job_id):
 
 def run_until(supervisor, predicate, timeout=30):
     """Run a supervisor here (it needs the main thread for its signals) until predicate()
-    holds, checked from a thread that then stops it."""
+    holds, checked from a thread that then stops it. A predicate that never holds (or
+    raises) fails the test, here in the test's thread, once the supervisor has stopped."""
+    outcome = []
+
     def stop_when_done():
         try:
             wait_for(predicate, timeout=timeout)
+            outcome.append(None)
+        except BaseException as exc:               # raised again below, where pytest sees it
+            outcome.append(exc)
         finally:
             supervisor.stop(now_=True)
-    watcher = threading.Thread(target=stop_when_done)
+    watcher = threading.Thread(target=stop_when_done, daemon=True)
     watcher.start()
     supervisor.run()
     watcher.join()
+    assert outcome, "the watcher ended without a verdict"
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def heartbeat_of(db, pid):
+    """The last heartbeat of the supervisor with this pid, or None."""
+    with litequeue.Queue(db) as q:
+        return next((s["heartbeat_at"] for s in q.live_supervisors() if s["pid"] == pid), None)
 
 
 def test_a_stalled_supervisor_keeps_its_job(tmp_path, db_path):
     """SIGSTOP longer than two heartbeats: the other supervisor on this host sees the pid alive
     and does not take the job (its child may still be running it)."""
-    app = write_app(tmp_path, """
+    finish = tmp_path / "finish"
+    app = write_app(tmp_path, f"""
         @queue.task
         def slow(ctx):
-            time.sleep(6)
+            while not os.path.exists({str(finish)!r}):    # runs until the test lets it end
+                time.sleep(0.05)
             return os.getpid()
     """)
     env = {"LITEQUEUE_DB": db_path}
@@ -54,10 +72,19 @@ def test_a_stalled_supervisor_keeps_its_job(tmp_path, db_path):
         wait_for(lambda: job(db_path, job_id).state == "running")
         b = start_serve("--app", app, db=db_path, env=env)
         try:
+            wait_for(lambda: heartbeat_of(db_path, b.pid))
             os.kill(a.pid, signal.SIGSTOP)
-            time.sleep(5)                           # B's recovery pass runs every 2 s
-            assert job(db_path, job_id).recoveries == 0
+            wait_for(lambda: psutil.Process(a.pid).status() == psutil.STATUS_STOPPED)
+            stale_at = heartbeat_of(db_path, a.pid) + 2 * litequeue.SUPERVISOR_HEARTBEAT_S
+            # B runs its recovery pass right after each heartbeat: a heartbeat of B's once A
+            # is two heartbeats stale, then B's next one, and a whole pass has looked at A.
+            looked_at = wait_for(lambda: (beat := heartbeat_of(db_path, b.pid)) > stale_at
+                                 and beat, timeout=15)
+            wait_for(lambda: heartbeat_of(db_path, b.pid) > looked_at, timeout=10)
+            stalled = job(db_path, job_id)
+            assert (stalled.state, stalled.recoveries) == ("running", 0), stalled.error
             os.kill(a.pid, signal.SIGCONT)
+            finish.touch()
             wait_for(lambda: job(db_path, job_id).state == "done", timeout=20)
             assert job(db_path, job_id).attempts == 1
         finally:
@@ -155,9 +182,10 @@ def test_memory_the_app_holds_at_import_is_not_charged_to_a_job(tmp_path, db_pat
     assert (finished.state, finished.result) == ("done", 250), finished.error
 
 
-def test_a_database_busy_past_the_timeout_is_waited_out(db_path):
+def test_a_database_busy_past_the_timeout_is_waited_out(db_path, caplog):
     """Another process holds the write lock for longer than the supervisor's busy timeout:
     the supervisor logs it, keeps running, and runs the job once the lock is gone."""
+    caplog.set_level(logging.WARNING, logger="litequeue")
     queue = litequeue.Queue(db_path, busy_timeout=0.2)
     job_id = queue.enqueue("echo", {"after": "busy"}, delay=0.5)
     locked = threading.Event()
@@ -176,6 +204,10 @@ def test_a_database_busy_past_the_timeout_is_waited_out(db_path):
     observer = litequeue.Queue(db_path)
     run_until(sup, lambda: locked.is_set() and observer.get(job_id).state == "done")
     holder.join()
+    finished = observer.get(job_id)
+    assert (finished.state, finished.result) == ("done", {"after": "busy"}), finished.error
+    waited = [r.getMessage() for r in caplog.records if r.getMessage().endswith("trying again")]
+    assert waited, "the busy timeout was never met"
 
 
 def test_what_a_task_leaves_running_dies_with_its_job(tmp_path, db_path):

@@ -254,6 +254,14 @@ APP_MEMORY = """
 
     @queue.task(max_attempts=1)
     def hog_1g(ctx):
+        # What the child runs under, kept as its checkpoint (a failed job keeps it): the
+        # test checks the rlimit was in force here, not only that the job ended.
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        with open("/proc/self/status") as f:
+            vm_data = next(int(line.split()[1]) << 10 for line in f
+                           if line.startswith("VmData:"))
+        ctx.save({"rlimit_data": [soft, hard], "vm_data": vm_data})
         block = bytearray(b"x") * (1 << 30)
         return {"len": len(block)}
 
@@ -294,8 +302,12 @@ def test_one_gib_under_400m_limit_fails_that_job_only(tmp_path, db_path, serve):
     wait_for(lambda: state_of(db_path, hog) == "dead", timeout=15)
     wait_for(lambda: all(state_of(db_path, j) == "done" for j in good), timeout=10)
     job = get(db_path, hog)
-    assert "memory limit exceeded" in job.error
-    assert "400 MiB" in job.error                      # the figures: which limit it hit
+    # Refused by the rlimit in the child (MemoryError), not killed by the supervisor's RSS
+    # poll, whose error also starts "memory limit exceeded" and names 400 MiB.
+    assert "memory limit exceeded: MemoryError under the 400 MiB limit" in job.error, job.error
+    soft, _ = job.checkpoint["rlimit_data"]
+    # The limit is the job's 400 MiB on top of what the child held when it was set.
+    assert 400 * MiB <= soft <= job.checkpoint["vm_data"] + 400 * MiB, job.checkpoint
     assert server.alive()
     # The allocation happened in the child: the supervisor's own memory did not move.
     rss_after = server.rss_bytes()
@@ -527,6 +539,7 @@ def test_live_supervisor_recovers_a_dead_ones_job_within_seconds(tmp_path, db_pa
     second = serve("--app", app, *FAST)
     wait_for(second.registered)
     children = first.children()
+    assert children                                  # else the PDEATHSIG check below is empty
 
     first.proc.send_signal(signal.SIGKILL)
     first.wait()
@@ -572,6 +585,7 @@ def test_sigterm_requeues_running_job_uncharged_and_next_serve_resumes(tmp_path,
         job_id = q.enqueue("steps", {"n": 30, "step_s": 0.05})
     wait_for(lambda: (get(db_path, job_id).checkpoint or {}).get("i", 0) >= 3, timeout=10)
     children = server.children()
+    assert children
 
     asked_at = time.monotonic()
     assert server.terminate(timeout=grace_s + 5) == 0
@@ -616,6 +630,7 @@ def test_signal_to_the_whole_service_requeues_uncharged(tmp_path, db_path, how):
             job_id = q.enqueue("steps", {"n": 30, "step_s": 0.05}, max_attempts=1)
         wait_for(lambda: (get(db_path, job_id).checkpoint or {}).get("i", 0) >= 3, timeout=10)
         children = psutil.Process(proc.pid).children(recursive=True)
+        assert children                              # else only the supervisor is signalled
         # Both get the signal at once; which one acts first is a race. Holding the
         # supervisor with SIGSTOP until the children have acted makes the test see the
         # ordering where the child acts first, every time.
@@ -626,7 +641,12 @@ def test_signal_to_the_whole_service_requeues_uncharged(tmp_path, db_path, how):
             wait_for(lambda: all(is_gone(p) for p in children), timeout=5)
         else:
             os.killpg(proc.pid, signal.SIGINT)
-            time.sleep(0.2)        # what a child would do with SIGINT, it has done by now
+            # A child ignores SIGINT (it is the supervisor's to handle): its job goes on. Two
+            # checkpoints saved after the signal show it ran on past it; a child that acted
+            # on it instead (a KeyboardInterrupt) is gone, and the job's state says how.
+            sent_at = get(db_path, job_id).checkpoint["i"]
+            wait_for(lambda: all(is_gone(p) for p in children)
+                     or get(db_path, job_id).checkpoint["i"] >= sent_at + 2, timeout=5)
         os.kill(proc.pid, signal.SIGCONT)
         _, stderr = proc.communicate(timeout=10)
     finally:
