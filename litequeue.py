@@ -2629,7 +2629,7 @@ class _Run:
     __slots__ = ("job", "child", "memory_limit_bytes", "handed_tick", "started_tick",
                  "baseline_bytes", "stop_reason", "detail", "kill_at_tick", "killed",
                  "rss_bytes", "saved", "checkpoint", "ack_owed", "progress", "reported",
-                 "ending", "lease_lost")
+                 "ending", "lease_lost", "forked")
 
     def __init__(self, job, child, memory_limit_bytes, handed_tick, baseline_bytes=0):
         self.job, self.child, self.memory_limit_bytes = job, child, memory_limit_bytes
@@ -2650,6 +2650,7 @@ class _Run:
         self.reported = None        # ("done", result) or ("failed", kind, error)
         self.ending = None          # decided: an Ending to commit
         self.lease_lost = False     # the file says another owner has it now
+        self.forked = False         # its child was forked for it (not handed it later)
 
     def facts(self, tick):
         started_tick = self.started_tick if self.started_tick is not None else self.handed_tick
@@ -2724,7 +2725,7 @@ class ChildPool:
         with contextlib.suppress(OSError):        # also set in the child: whichever runs first
             os.setpgid(process.pid, process.pid)
         child = _Child(process, from_child, to_child)
-        child.handed, child.runs, run.child = 1, [run], child
+        child.handed, child.runs, run.child, run.forked = 1, [run], child, True
         self.children.append(child)
         return child
 
@@ -2860,7 +2861,9 @@ class Supervisor:
         self.id = f"{os.uname().nodename}:{os.getpid()}:{random.randrange(1 << 32):08x}"
         self.host = host_identity()
         self.pressure = None
-        self.pool = None                # a ChildPool, made by start()
+        import multiprocessing
+        self.pool = ChildPool(ChildSpec(os.getpid(), None, self.tasks, self.options.jobs_per_child),
+                              multiprocessing.get_context("fork"))
         self._runs = {}                 # job id -> _Run, from its claim to its ending committed
         self._events = []               # decisions to record with the next commit
         self._stopping = self._stop_now = self._finished = False
@@ -2868,6 +2871,7 @@ class Supervisor:
         self._data_version = None
         self._watch_busy_until_tick = self._quiet_until_tick = self._reports_read_tick = 0.0
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
+        self._no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
 
     # the options most read, by their names
     slots = property(lambda self: self.options.slots)
@@ -2876,11 +2880,8 @@ class Supervisor:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def start(self, mp=None, prctl=None):
-        """Register in the file and make the child pool (run() does this)."""
-        import multiprocessing
-        spec = ChildSpec(os.getpid(), prctl, self.tasks, self.options.jobs_per_child)
-        self.pool = ChildPool(spec, mp or multiprocessing.get_context("fork"))
+    def register(self):
+        """Store our task declarations and our row: our lease on the jobs we claim."""
         self.queue.register_supervisor(self.id, self.host, sorted(self.tasks),
                                        [task.defaults for task in self.tasks.values()])
 
@@ -2893,7 +2894,8 @@ class Supervisor:
         libc = ctypes.CDLL(None, use_errno=True)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
-        self.start(prctl=getattr(libc, "prctl", None))
+        self.pool.spec.prctl = getattr(libc, "prctl", None)
+        self.register()
         log.info("supervisor %s serving %s on %s (slots %d, memory limit %s)", self.id,
                  ", ".join(sorted(self.tasks)), self.queue.path, self.slots,
                  format_bytes(self.options.memory_limit_bytes))
@@ -3017,7 +3019,7 @@ class Supervisor:
             self._apply_cancels(tick)
         if self._stopping:
             self._shut_down(tick)
-        wanted = self._claims_wanted() if (written or polled or freed) else {}
+        wanted = self._claims_wanted(tick) if (written or polled or freed) else 0
         # act
         claimed = self._commit(at, wanted)
         self._hand_out(claimed, tick)
@@ -3069,12 +3071,16 @@ class Supervisor:
         """Reap children that have exited (what they said before they ended was read first)
         and decide what their unfinished jobs become. Returns how many slots that freed,
         counting jobs whose child reported them finished."""
-        freed = sum(1 for run in self._runs.values() if run.ending is not None)
+        freed = sum(1 for run in self._runs.values()
+                    if run.ending is not None and run.child is not None)
         for child in self.pool.ended():
             self.pool.read(self._on_report)  # its last words, if they came after the read
             code = self.pool.reap(child)
             for index, run in enumerate(child.runs):
-                self._end(run, current=index == 0, exit_code=code)
+                # Its job then, if it had started it (or was forked for it): a job handed
+                # over and never started costs nothing, whatever became of the child.
+                current = index == 0 and (run.started_tick is not None or run.forked)
+                self._end(run, current=current, exit_code=code)
             freed += bool(child.runs)
             child.runs = []
         return freed
@@ -3114,9 +3120,8 @@ class Supervisor:
                 run.lease_lost = True
                 if run.child is not None and not run.killed:
                     self._kill(run, STOP_SHUTDOWN, "lease lost while the supervisor stalled", at)
-            self.queue.register_supervisor(self.id, self.host, sorted(self.tasks),
-                                           [task.defaults for task in self.tasks.values()])
-        self.queue.recover_orphans(self.id, self.host, at)
+            self.register()
+        self.queue.recover_orphans(self.id, self._is_alive, at)
         self.queue.expire(at=at)
         self._next_heartbeat_tick = tick + SUPERVISOR_HEARTBEAT_S
 
@@ -3214,33 +3219,33 @@ class Supervisor:
                 # Kill early enough that reaping and exiting still fit within the grace.
                 run.kill_at_tick = tick + max(0.0, self.grace_s - 2 * self.poll_s)
 
-    def _claims_wanted(self):
-        """{"free": jobs for idle children and new forks, "ahead": {child: n}}."""
-        if self._stopping:
-            return {}
-        busy = self._busy_children()
-        free = max(0, self.slots - busy)
-        ahead = {}
+    def _claims_wanted(self, tick):
+        """How many jobs to claim now: one for each free slot (an idle child or a new one),
+        and for pooled children whose jobs are short, the next few ahead of time."""
+        if self._stopping or tick < self._no_start_until_tick:
+            return 0
+        wanted = max(0, self.slots - self._busy_children())
         if self.options.jobs_per_child > 1:
-            for child in self.pool.children:
-                if child.runs and not (child.done or child.dropping or child.retired
-                                       or child.current.stop_reason):
-                    n = ahead_wanted(child.last_run_s, len(child.runs) - 1,
-                                     self.options.jobs_per_child - child.handed)
-                    if n:
-                        ahead[child] = n
-        return {"free": free, "ahead": ahead} if free or ahead else {}
+            for child in self._children_taking_ahead():
+                wanted += ahead_wanted(child.last_run_s, max(0, len(child.runs) - 1),
+                                       self.options.jobs_per_child - child.handed - 1)
+        return wanted
+
+    def _children_taking_ahead(self):
+        return [child for child in self.pool.children
+                if not (child.done or child.dropping or child.retired)
+                and not (child.runs and child.current.stop_reason)]
 
     # -- act ----------------------------------------------------------------------------
 
-    def _ask_stop(self, run, reason, detail, tick, at):
+    def _ask_stop(self, run, reason, detail, tick, at=None):
         """Ask a child to stop at its next checkpoint; SIGKILL after the grace period."""
         run.stop_reason, run.detail, run.kill_at_tick = reason, detail, tick + self.grace_s
         self.pool.signal(run.child, signal.SIGUSR1)
         log.info("job %d %s asked to stop: %s", run.job.id, run.job.task, detail)
         if reason == STOP_PREEMPT:
             self._events.append(("decision", run.job.id, run.job.task, RUNNING, "preempt",
-                                 detail, self.pressure, at))
+                                 detail, self.pressure, now() if at is None else at))
 
     def _kill(self, run, reason, detail, at):
         """SIGKILL now, recorded with the pressure. A kill at the end of a grace keeps the
@@ -3255,19 +3260,18 @@ class Supervisor:
         self._events.append(("decision", run.job.id, run.job.task, RUNNING, "kill", detail,
                              self.pressure, at))
 
-    def _commit(self, at, wanted):
+    def _commit(self, at, wanted=0):
         """One transaction for everything the children reported since the last commit, the
         endings decided, the decisions to record, and the jobs wanted next (group commit).
         Then: acknowledge the checkpoints it saved, forget the runs it ended. Returns the
         jobs claimed. If it fails (a busy or full file) everything stays pending."""
         records = [run for run in self._runs.values() if run.ending is not None
                    or run.checkpoint is not None or run.progress is not None]
-        limit = wanted.get("free", 0) + sum(wanted.get("ahead", {}).values())
-        if not (records or self._events or limit):
+        if not (records or self._events or wanted):
             return []
         claim = None
-        if limit:
-            claim = (self.tasks, claimable_priorities(self.tracker.level, self._stopping), limit)
+        if wanted:
+            claim = (self.tasks, claimable_priorities(self.tracker.level, self._stopping), wanted)
         states, claimed = self.queue.record_runs(
             self.id, [RunRecord(run.job.id, run.job.attempts, run.progress, run.checkpoint,
                                 run.ending, self.pressure) for run in records],
@@ -3292,7 +3296,7 @@ class Supervisor:
         """Jobs just claimed: to idle children first, then to new children for free slots,
         then ahead to pooled children whose jobs are short. One that cannot be placed goes
         back to the queue uncharged at the next commit."""
-        jobs = list(claimed)
+        jobs, unplaced = list(claimed), "no child was free for it"
         for child in self.pool.idle():
             if jobs:
                 self.pool.hand(child, self._track(jobs.pop(0), tick))
@@ -3304,17 +3308,18 @@ class Supervisor:
                          run.job.attempts, run.job.max_attempts, run.child.pid)
             except OSError as exc:        # fork refused (memory, pid limit): give back
                 log.error("cannot start a child: %s; jobs go back to the queue", exc)
-                run.ending = Ending(ENDING_REQUEUED, f"could not start a child: {exc}")
+                unplaced = f"could not start a child: {exc}"
+                run.ending = Ending(ENDING_REQUEUED, unplaced)
+                self._no_start_until_tick = tick + self.poll_s     # not again at once
                 break
-        for child in self.pool.children:
+        for child in self._children_taking_ahead():
             want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
                                 self.options.jobs_per_child - child.handed)
-            while jobs and want > 0 and child.runs and not (child.done or child.dropping
-                                                             or child.retired):
+            while jobs and want > 0:
                 self.pool.hand(child, self._track(jobs.pop(0), tick))
                 want -= 1
         for job in jobs:
-            self._track(job, tick).ending = Ending(ENDING_REQUEUED, "no child was free for it")
+            self._track(job, tick).ending = Ending(ENDING_REQUEUED, unplaced)
 
     def _track(self, job, tick):
         limit = job.memory_limit_bytes or self.options.memory_limit_bytes
@@ -3342,8 +3347,6 @@ class Supervisor:
     def abandon_children(self):
         """Leaving run(): let idle children go, kill those still running (after an error in
         the loop) and give their jobs back, so nothing is lost."""
-        if self.pool is None:
-            return
         for run in self._live_runs():
             run.stop_reason = run.stop_reason or STOP_SHUTDOWN
             run.detail = run.detail or "supervisor stopped"
@@ -3361,7 +3364,7 @@ class Supervisor:
                         self.pool.signal(child, signal.SIGKILL)
                 time.sleep(0.005)
         with contextlib.suppress(Error):
-            self._commit(now(), {})
+            self._commit(now())
 
     def _log_ending(self, run, state):
         job, ending = run.job, run.ending

@@ -348,24 +348,6 @@ def test_pooled_children_claim_only_what_the_memory_level_lets_start(queue):
     assert job.state == "done" and job.result["at"] >= seen["released_at"]
 
 
-def test_a_job_claimed_by_a_child_that_died_before_saying_so_goes_back(queue):
-    """The window between a pooled child's commit (its next job claimed, with its pid) and
-    its message to the supervisor: if it dies there, the supervisor finds the job by owner
-    and pid when it reaps the child, and requeues it uncharged."""
-    sup = litequeue.Supervisor(queue, jobs_per_child=5)
-    first = queue.enqueue("echo")
-    second = queue.enqueue("echo")
-    job = queue.claim(sup.id)[0]
-    queue.complete_and_claim(first, sup.id, job.attempts, None, pid=999_999)
-
-    class DeadChild:                 # a pooled child (it has a pipe for jobs), now gone
-        pid, jobs_w = 999_999, -1
-    sup._requeue_lost_claims(DeadChild, litequeue.now())
-    lost = queue.get(second)
-    assert (lost.state, lost.attempts, lost.owner) == ("queued", 0, None)
-    assert "before it could start" in [e["reason"] for e in queue.events(job_id=second)][-1]
-
-
 # --------------------------------------------------------------------------------------
 # Races found in review, replayed with the supervisor stepped by hand (real children)
 # --------------------------------------------------------------------------------------
@@ -384,12 +366,10 @@ class FixedProbe:
 def stepped_supervisor(queue, **options):
     """A Supervisor set up as run() sets it up, for a test to call step() at chosen moments."""
     import ctypes
-    import multiprocessing
     sup = litequeue.Supervisor(queue, tasks=dict(queue.registry), **options)
-    sup._mp = multiprocessing.get_context("fork")
     libc = ctypes.CDLL(None, use_errno=True)
-    sup._spec = litequeue.ChildSpec(sup, getattr(libc, "prctl", None), sup._mp.RawValue("i", 0))
-    sup._register()
+    sup.pool.spec.prctl = getattr(libc, "prctl", None)
+    sup.register()
     return sup
 
 
@@ -400,6 +380,11 @@ def step_for(sup, seconds):
         time.sleep(0.02)
 
 
+def step_until(sup, predicate, timeout=20):
+    """Step the supervisor until predicate() holds (children wait for it to commit)."""
+    return wait_for(lambda: sup.step() and predicate(), timeout=timeout)
+
+
 def finish(sup):
     sup.stop(now_=True)
     for _ in range(500):
@@ -407,13 +392,13 @@ def finish(sup):
         if sup._finished:
             break
         time.sleep(0.02)
-    sup._abandon_children()
+    sup.abandon_children()
 
 
-def test_a_crash_after_many_unread_reports_is_charged_to_the_job_that_crashed(queue):
-    """A pooled child runs 150 jobs, then crashes, all before the supervisor looks: every
-    report in its pipe is read before it is settled, so the crash is the crashing job's
-    (charged, dead), not a lost claim given back for free."""
+def test_a_crash_after_many_reports_is_charged_to_the_job_that_crashed(queue):
+    """A pooled child runs 150 short jobs, handed to it ahead of time, then crashes on one:
+    every report in its pipe is read before it is settled, so the crash is the crashing
+    job's (charged, dead), and the jobs handed to it after that one go back uncharged."""
     @queue.task(max_attempts=5)
     def noop(ctx):
         return None
@@ -424,18 +409,59 @@ def test_a_crash_after_many_unread_reports_is_charged_to_the_job_that_crashed(qu
 
     ids = queue.enqueue_many(["noop"] * 150)
     bad = queue.enqueue("crash")
+    after = queue.enqueue_many(["noop"] * 5)
     sup = stepped_supervisor(queue, slots=1, jobs_per_child=1000, probe=FixedProbe())
     try:
-        sup.step()                                    # forks a child for the first job
-        wait_for(lambda: queue.get(bad).state != "queued", timeout=20)
-        time.sleep(0.3)                               # it has crashed by now, unobserved
-        step_for(sup, 0.5)
+        step_until(sup, lambda: all(queue.get(i).state == "done" for i in [*ids, *after]))
         job = queue.get(bad)
         assert (job.state, job.attempts, job.error) == ("dead", 1, "killed by signal 11")
         started = [e for e in queue.events(job_id=bad) if e["to_state"] == "running"]
         assert len(started) == 1                      # it ran once: max_attempts=1
-        assert all(queue.get(i).state == "done" for i in ids)
+        given_back = [e for i in after for e in queue.events(job_id=i)
+                      if e["from_state"] == "running" and e["to_state"] == "queued"]
+        assert all("attempt" not in e["reason"] for e in given_back)
+        assert all(queue.get(i).attempts == 1 for i in after)    # never charged twice
     finally:
+        finish(sup)
+
+
+def test_jobs_handed_ahead_to_a_child_that_is_killed_go_back_uncharged(queue, tmp_path):
+    """Short jobs make the supervisor hand a pooled child its next jobs ahead of time. The
+    child is then killed from outside while it runs a long one: that job is charged (it
+    failed), the jobs waiting behind it in the child are given back with no attempt spent."""
+    flag = tmp_path / "go"
+
+    @queue.task(max_attempts=3)
+    def quick(ctx):
+        return None
+
+    @queue.task(max_attempts=3)
+    def slow(ctx):
+        ctx.save({"in": True})
+        while not flag.exists():
+            time.sleep(0.01)
+
+    warm = queue.enqueue_many(["quick"] * 3)
+    slow_id = queue.enqueue("slow")
+    behind = queue.enqueue_many(["quick"] * 3)
+    sup = stepped_supervisor(queue, slots=1, jobs_per_child=100, probe=FixedProbe())
+    try:
+        step_until(sup, lambda: queue.get(slow_id).checkpoint == {"in": True})
+        (child,) = sup.pool.children
+        held = [run.job.id for run in child.runs[1:]]
+        assert held and set(held) <= set(behind)     # handed ahead, not started
+        os.kill(child.pid, signal.SIGKILL)
+        step_until(sup, lambda: queue.get(slow_id).error == "killed by signal 9")
+        flag.touch()
+        step_until(sup, lambda: all(queue.get(i).state == "done" for i in behind))
+        for job_id in held:
+            back = [e for e in queue.events(job_id=job_id)
+                    if (e["from_state"], e["to_state"]) == ("running", "queued")]
+            assert [e["reason"] for e in back] == ["handed back before it started"]
+            assert queue.get(job_id).attempts == 1        # the attempt it ran; none for that
+        assert all(queue.get(i).state == "done" for i in warm)
+    finally:
+        flag.touch()
         finish(sup)
 
 
@@ -471,8 +497,8 @@ def test_a_cancel_seen_between_polls_is_still_applied(queue, jobs_per_child):
 
 
 def test_a_level_change_reaches_pooled_children_in_the_same_poll(queue):
-    """Pressure rises to the preempt level while a pooled child runs a high job: the mask
-    children claim by changes in that very poll, so the child does not go on to the normal
+    """Pressure rises to the preempt level while a pooled child runs a high job: the
+    priorities claimed change in that very poll, so the child does not go on to the normal
     job waiting behind it."""
     @queue.task(max_attempts=3, priority="high")
     def warm(ctx):
@@ -494,7 +520,6 @@ def test_a_level_change_reaches_pooled_children_in_the_same_poll(queue):
         probe.pressure = 90.0
         sup.step(tick=t0 + 0.25)                   # a poll: level -> preempt
         assert sup.tracker.level == "preempt"
-        assert litequeue.mask_priorities(sup._spec.claimable.value) == (0, 1)
         time.sleep(0.6)                            # the high job ends meanwhile
         step_for(sup, 0.5)
         job = queue.get(plain_id)
@@ -503,10 +528,10 @@ def test_a_level_change_reaches_pooled_children_in_the_same_poll(queue):
         finish(sup)
 
 
-def test_a_self_claimed_job_read_late_keeps_its_start_and_checkpoint(queue):
-    """The supervisor reads a child's "3" report late; the job saved a checkpoint in the
-    meantime. An emergency kill then finds the checkpoint newer than the job's start (its
-    claim), so the job goes back uncharged, as for any job that saved."""
+def test_a_checkpoint_reported_before_an_emergency_kill_is_kept_and_uncharged(queue):
+    """A pooled child's second job saves a checkpoint; the supervisor commits it (the child
+    waits for that), then an emergency kills the child: the job saved in this run, so it
+    goes back uncharged with its checkpoint."""
     @queue.task(max_attempts=3)
     def warm(ctx):
         return None
@@ -521,13 +546,9 @@ def test_a_self_claimed_job_read_late_keeps_its_start_and_checkpoint(queue):
     probe = FixedProbe(10.0)
     sup = stepped_supervisor(queue, slots=1, jobs_per_child=5, probe=probe, grace=1)
     try:
-        t0 = time.monotonic()
-        sup.step(tick=t0)
-        wait_for(lambda: queue.get(saver_id).checkpoint == {"step": 1})
-        time.sleep(0.3)                            # read late
+        step_until(sup, lambda: queue.get(saver_id).checkpoint == {"step": 1})
         probe.pressure = 97.0                      # emergency: killed at once
-        sup.step(tick=t0 + 0.3)
-        step_for(sup, 1.0)
+        step_until(sup, lambda: queue.get(saver_id).state != "running")
         job = queue.get(saver_id)
         assert (job.state, job.attempts, job.preemptions) == ("queued", 0, 1)
         assert job.checkpoint == {"step": 1}

@@ -631,23 +631,13 @@ def test_signal_to_the_whole_service_requeues_uncharged(tmp_path, db_path, how):
         wait_for(lambda: (get(db_path, job_id).checkpoint or {}).get("i", 0) >= 3, timeout=10)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children                              # else only the supervisor is signalled
-        # Both get the signal at once; which one acts first is a race. Holding the
-        # supervisor with SIGSTOP until the children have acted makes the test see the
-        # ordering where the child acts first, every time.
-        os.kill(proc.pid, signal.SIGSTOP)
+        # Both get the signal at once; which one acts first is a race, and either way the
+        # job is requeued uncharged (run_ending's table covers the child acting first).
         if how == "systemd-sigterm-to-all":
             for pid in [proc.pid, *(child.pid for child in children)]:
                 os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: all(is_gone(p) for p in children), timeout=5)
         else:
             os.killpg(proc.pid, signal.SIGINT)
-            # A child ignores SIGINT (it is the supervisor's to handle): its job goes on. Two
-            # checkpoints saved after the signal show it ran on past it; a child that acted
-            # on it instead (a KeyboardInterrupt) is gone, and the job's state says how.
-            sent_at = get(db_path, job_id).checkpoint["i"]
-            wait_for(lambda: all(is_gone(p) for p in children)
-                     or get(db_path, job_id).checkpoint["i"] >= sent_at + 2, timeout=5)
-        os.kill(proc.pid, signal.SIGCONT)
         _, stderr = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
