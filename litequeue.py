@@ -1456,12 +1456,13 @@ class Queue:
                 " AND state = 'running' AND owner = ? AND attempts = ?",
                 (done, total, job_id, owner, attempt))
 
-    def record_runs(self, owner, records, *, events=(), claim=None, at=None):
+    def record_runs(self, owner, records, *, events=(), claims=(), at=None):
         """Record in one transaction what a supervisor's children reported (progress,
         checkpoints) and how their runs ended, the supervisor's decisions (events), and claim
-        its next jobs (claim: (tasks, priorities, limit)): a group commit.
+        its next jobs (claims: (tasks, priorities, limit) each): a group commit.
 
-        Returns ({job_id: state after, or None if its lease was lost}, [claimed Job]). Synced
+        Returns ({job_id: state after, or None if its lease was lost}, [[claimed Job] for
+        each claim]). Synced
         (on a durable queue) when it holds a checkpoint or an ending: a child hears that its
         checkpoint is saved only once this has returned."""
         at = now() if at is None else at
@@ -1475,7 +1476,7 @@ class Queue:
                     states[record.job_id] = None
             for kind, job_id, task, from_state, to_state, reason, pressure, event_at in events:
                 self._event(event_at, job_id, task, kind, from_state, to_state, reason, pressure)
-            claimed = [] if claim is None else self._claim_in_tx(owner, *claim, at)
+            claimed = [self._claim_in_tx(owner, *claim, at) for claim in claims]
         return states, claimed
 
     def _record_run(self, owner, record, at):
@@ -2872,6 +2873,8 @@ class Supervisor:
         self._watch_busy_until_tick = self._quiet_until_tick = self._reports_read_tick = 0.0
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
         self._no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
+        self._run_s_by_task = {}          # how long each task's last job ran here
+        self._held = []                   # runs claimed ahead, waiting here for a free child
 
     # the options most read, by their names
     slots = property(lambda self: self.options.slots)
@@ -3063,6 +3066,7 @@ class Supervisor:
                 child.done = True
             child.runs.remove(run)
             child.last_run_s = time.monotonic() - (run.started_tick or run.handed_tick)
+            self._run_s_by_task[run.job.task] = child.last_run_s
             if not child.runs and not child.done:
                 child.idle_since_tick = time.monotonic()
             self._end(run, current=True, exit_code=None)
@@ -3155,6 +3159,7 @@ class Supervisor:
             for child in self.pool.idle():
                 self.pool.retire(child)              # idle children hold memory for nothing
         allowed = claimable_priorities(level, self._stopping)
+        self._give_back_held(allowed)
         for child in self.pool.children:             # jobs handed ahead that may not start now
             if any(run.job.priority_value not in allowed for run in child.runs[1:]):
                 self.pool.drop_ahead(child)
@@ -3204,6 +3209,7 @@ class Supervisor:
             self.pool.retire(child)
         for child in self.pool.children:
             self.pool.drop_ahead(child)
+        self._give_back_held()
         live = {run.job.id: run for run in self._live_runs()}
         stops = shutdown_stops([(job_id, run.stop_reason) for job_id, run in live.items()],
                                stop_now=self._stop_now)
@@ -3220,12 +3226,13 @@ class Supervisor:
                 run.kill_at_tick = tick + max(0.0, self.grace_s - 2 * self.poll_s)
 
     def _claims_wanted(self, tick):
-        """How many jobs to claim now: one for each free slot (an idle child or a new one),
-        and for pooled children whose jobs are short, the next few ahead of time."""
+        """How many jobs to claim: one for each free slot (an idle child or a new one) not
+        already taken by a job held here, and for pooled children whose last job was short,
+        the next few, to hand them ahead of time."""
         if self._stopping or tick < self._no_start_until_tick:
             return 0
-        wanted = max(0, self.slots - self._busy_children())
-        if self.options.jobs_per_child > 1:
+        wanted = max(0, self.slots - self._busy_children() - len(self._held))
+        if self.options.jobs_per_child > 1 and not self._held:
             for child in self._children_taking_ahead():
                 wanted += ahead_wanted(child.last_run_s, max(0, len(child.runs) - 1),
                                        self.options.jobs_per_child - child.handed - 1)
@@ -3269,13 +3276,12 @@ class Supervisor:
                    or run.checkpoint is not None or run.progress is not None]
         if not (records or self._events or wanted):
             return []
-        claim = None
-        if wanted:
-            claim = (self.tasks, claimable_priorities(self.tracker.level, self._stopping), wanted)
+        claims = [(self.tasks, claimable_priorities(self.tracker.level, self._stopping),
+                   wanted)] if wanted else []
         states, claimed = self.queue.record_runs(
             self.id, [RunRecord(run.job.id, run.job.attempts, run.progress, run.checkpoint,
                                 run.ending, self.pressure) for run in records],
-            events=self._events, claim=claim, at=at)
+            events=self._events, claims=claims, at=at)
         self._events = []
         for run in records:
             state = states[run.job.id]
@@ -3290,36 +3296,46 @@ class Supervisor:
             elif run.ack_owed:
                 run.ack_owed = False
                 self.pool.ack(run)
-        return claimed
+        return claimed[0] if claimed else []
 
     def _hand_out(self, claimed, tick):
-        """Jobs just claimed: to idle children first, then to new children for free slots,
-        then ahead to pooled children whose jobs are short. One that cannot be placed goes
-        back to the queue uncharged at the next commit."""
-        jobs, unplaced = list(claimed), "no child was free for it"
-        for child in self.pool.idle():
-            if jobs:
-                self.pool.hand(child, self._track(jobs.pop(0), tick))
-        while jobs and self._busy_children() < self.slots:
-            run = self._track(jobs.pop(0), tick)
+        """Jobs held here first, then those just claimed, in claim order: to idle children,
+        then to new children for free slots, then ahead to pooled children while the next
+        job's task is one whose last job was short here. The rest are held for the next
+        child that is free: a job never waits in a child behind a long one, and jobs still
+        start in claim order."""
+        runs = self._held + [self._track(job, tick) for job in claimed]
+        self._held = []
+        idle = self.pool.idle()
+        while runs and (idle or self._busy_children() < self.slots):
+            run = runs.pop(0)
+            if idle:
+                self.pool.hand(idle.pop(0), run)
+                continue
             try:
                 self.pool.fork(run, tick)
                 log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id, run.job.task,
                          run.job.attempts, run.job.max_attempts, run.child.pid)
             except OSError as exc:        # fork refused (memory, pid limit): give back
                 log.error("cannot start a child: %s; jobs go back to the queue", exc)
-                unplaced = f"could not start a child: {exc}"
-                run.ending = Ending(ENDING_REQUEUED, unplaced)
+                for unplaced in [run, *runs]:
+                    unplaced.ending = Ending(ENDING_REQUEUED, f"could not start a child: {exc}")
                 self._no_start_until_tick = tick + self.poll_s     # not again at once
-                break
+                return
         for child in self._children_taking_ahead():
             want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
                                 self.options.jobs_per_child - child.handed)
-            while jobs and want > 0:
-                self.pool.hand(child, self._track(jobs.pop(0), tick))
+            while runs and want > 0 and self._run_s_by_task.get(
+                    runs[0].job.task, AHEAD_RUN_S) < AHEAD_RUN_S:
+                self.pool.hand(child, runs.pop(0))
                 want -= 1
-        for job in jobs:
-            self._track(job, tick).ending = Ending(ENDING_REQUEUED, unplaced)
+        self._held = runs
+
+    def _give_back_held(self, allowed=()):
+        """Held jobs whose priority may not start now go back to the queue, uncharged."""
+        for run in [run for run in self._held if run.job.priority_value not in allowed]:
+            self._held.remove(run)
+            run.ending = Ending(ENDING_REQUEUED, "handed back before it started")
 
     def _track(self, job, tick):
         limit = job.memory_limit_bytes or self.options.memory_limit_bytes
@@ -3363,6 +3379,7 @@ class Supervisor:
                     for child in self.pool.children:
                         self.pool.signal(child, signal.SIGKILL)
                 time.sleep(0.005)
+        self._give_back_held()
         with contextlib.suppress(Error):
             self._commit(now())
 
