@@ -710,6 +710,59 @@ def run_burst(bench, n_jobs, durability):
     return n_jobs / wall, cpu / n_jobs
 
 
+def burst_profile(bench, n_jobs, durability, jobs_per_child):
+    """Where a serve --burst run's time goes: (jobs/s, supervisor CPU s/job, children CPU
+    s/job). The supervisor's own CPU and its reaped children's are read from /proc while it
+    runs (the last sample, at most 20 ms before it exits)."""
+    db = bench.path(f"profile-{durability}-{jobs_per_child}.db")
+    remove_db(db)
+    queue = litequeue.Queue(db)
+    for start in range(0, n_jobs, 1000):
+        queue.enqueue_many([("echo", {"i": i}) for i in range(start, min(n_jobs, start + 1000))])
+    queue.close()
+    args = [PY, SCRIPT, "serve", "--burst", "--slots", "2", "--db", db, "--durability",
+            durability, "--jobs-per-child", str(jobs_per_child)]
+    with open(db + ".log", "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, cwd=bench.dir)
+        sup, last = psutil.Process(proc.pid), None
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                last = sup.cpu_times()
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0 or last is None:
+        raise RuntimeError(f"serve --burst exited {proc.returncode}: {log_tail(db + '.log')}")
+    return (n_jobs / wall, (last.user + last.system) / n_jobs,
+            (last.children_user + last.children_system) / n_jobs)
+
+
+def fsyncs_per_job(bench, n_jobs, jobs_per_child):
+    """fsync + fdatasync calls per job of a FULL serve --burst and its children, counted by
+    strace (slow: only counted, never timed); None where strace is missing."""
+    import shutil
+    if shutil.which("strace") is None:
+        return None
+    db = bench.path(f"fsync-{jobs_per_child}.db")
+    remove_db(db)
+    queue = litequeue.Queue(db)
+    queue.enqueue_many([("echo", {"i": i}) for i in range(n_jobs)])
+    queue.close()
+    trace = db + ".strace"
+    subprocess.run(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", trace, PY,
+                    SCRIPT, "serve", "--burst", "--slots", "2", "--db", db, "--jobs-per-child",
+                    str(jobs_per_child), "--log-level", "warning"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=bench.dir,
+                   timeout=600, check=True)
+    calls = 0
+    with open(trace) as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[-1] in ("fsync", "fdatasync"):
+                calls += int(fields[3])
+    return calls / n_jobs
+
+
 def idle_rss_baseline():
     proc = subprocess.Popen([PY, "-c", IDLE_BASELINE])
     try:
@@ -742,6 +795,18 @@ def section_supervisor(bench):
               ours / ceiling >= 0.6)
         t.row(f"   CPU per job, all processes, {durability.upper()}", ms(ours_cpu),
               f"fork {ms(ceiling_cpu)}", f"{ours_cpu / ceiling_cpu:.1f}x", "")
+    # -- where the time goes: CPU by process, fsyncs per job ----------------------------
+    for jobs_per_child, n_jobs in ((1, jobs), (1000, 10 * jobs)):
+        say(f"{n_jobs} echo jobs, --jobs-per-child {jobs_per_child}, FULL: CPU by process")
+        rate_, sup_cpu, children_cpu_ = burst_profile(bench, n_jobs, "full", jobs_per_child)
+        t.row(f"--jobs-per-child {jobs_per_child}, FULL: jobs/s; CPU per job supervisor / "
+              f"children", f"{rate(rate_)}; {ms(sup_cpu)} / {ms(children_cpu_)}", "", "", "")
+        fsyncs = fsyncs_per_job(bench, min(n_jobs, 1000), jobs_per_child)
+        t.row("   fsync+fdatasync calls per job (strace -c)",
+              "n/a (no strace)" if fsyncs is None else f"{fsyncs:.2f}", "", "", "")
+    t.note("CPU by process: the supervisor's own user+sys and its reaped children's, read "
+           "from /proc every 20 ms while it runs; fsyncs: strace -f -c over a separate run of "
+           "at most 1,000 jobs (counted, not timed)")
     say("fork ceiling from a parent with litequeue's modules loaded")
     loaded, loaded_cpu = run_fork_ceiling(jobs, loaded=True)
     t.row("   fork ceiling from a parent with litequeue's imports", "", f"fork {rate(loaded)}",
@@ -1743,11 +1808,11 @@ def peers_end_to_end(bench, t, venv, workdir, redis):
         ratio = ours_pool / huey_rate
         data["figures"]["e2e/huey-pooled"] = figure(ours_pool, huey_rate, ratio)
         t.row(metric, rate(ours_pool), f"huey -k process -w 2 {rate(huey_rate)}", x(ratio),
-              ">= 0.90x (on par)", ratio >= 0.9)
+              ">= 1.00x (aim 1.50x)", ratio >= 1.0)
     except NotAvailable as exc:
         data["figures"]["e2e/huey-pooled"] = figure(None, huey_rate, None)
         t.row(metric, f"n/a ({exc})", f"huey -k process -w 2 {rate(huey_rate)}", "",
-              ">= 0.90x (on par)")
+              ">= 1.00x (aim 1.50x)")
     say(f"end to end: {jobs_fork:,} no-op jobs, serve --burst --slots 2 --jobs-per-child 1, "
         f"FULL")
     ours_fork_full = lq_e2e(bench, jobs_fork, "full", 1)
