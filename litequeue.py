@@ -780,7 +780,464 @@ def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.
 # Queue: the public API
 # ======================================================================================
 
-class Queue:
+class _Store:
+    """A litequeue file's connection and what every part of the API writes with: one
+    transaction helper (BEGIN IMMEDIATE), reads read to the end, events."""
+
+    def _tx(self):
+        return _transaction(self.conn, self.path)
+
+    def _read(self, sql, params=()):
+        try:
+            return _rows(self.conn.execute(sql, params))
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    def _event(self, at, job_id, task, kind, from_state, to_state, reason=None, pressure=None):
+        _insert_event(self.conn, at, job_id, task, kind, from_state, to_state, reason, pressure)
+
+    @contextlib.contextmanager
+    def _unsynced(self):
+        if not self.durable:
+            yield
+            return
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            yield
+        finally:
+            self.conn.execute("PRAGMA synchronous = FULL")
+
+    def _finish(self, job_id, task, from_state, to_state, at, reason, error=None):
+        """Move a job to a final state (inside a transaction) and record it."""
+        self.conn.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, owner = NULL, pid = NULL,"
+            " error = coalesce(?, error) WHERE id = ?", (to_state, at, error or reason, job_id))
+        self._event(at, job_id, task, "job", from_state, to_state, reason)
+
+    def data_version(self):
+        """Changes whenever another connection commits to the file (PRAGMA data_version)."""
+        try:
+            return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+
+
+class _Leases(_Store):
+    """The worker side of a queue, as a supervisor uses it: claims (each a lease on a job),
+    what becomes of a leased job (done, failed, requeued, cancelled), checkpoints and
+    progress, the group commit of a supervisor's reports, and the supervisors' own rows.
+    Every method that writes checks the lease (owner and attempt) in the same statement."""
+
+    # -- the worker side: claim, complete, fail, release, checkpoints --------------------
+
+    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
+        """Atomically take up to `limit` due jobs (priority, then due time, then id) for
+        `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
+        `tasks`: the names of the tasks the claimer serves (None: any); a dict {name: Task}
+        also gives its declarations, which come before the catalogue when a job's options
+        resolve (see RESOLVED_AT_CLAIM).
+
+        A claim is committed without its own fsync, even on a durable queue: it records only
+        a lease. Should power fail before a later commit syncs the log, the job is found
+        queued again, which is what recovery makes of a running job whose supervisor died."""
+        at = now() if at is None else at
+        with self._unsynced(), self._tx():
+            return self._claim_in_tx(owner, tasks, priorities, limit, at)
+
+    def complete_and_claim(self, job_id, owner, attempt, result=None, *, tasks=None,
+                           priorities=(0, 1, 2, 3), pid=None):
+        """complete(), and in the same transaction claim the next job for the same owner:
+        one commit between two jobs, as a pooled child goes on. The claimed row records
+        `pid`, the process that will run it. Returns the Job or None."""
+        text = dumps_json(result, "result")
+        with self._tx():
+            at = now()
+            self._complete_in_tx(job_id, owner, attempt, text, at)
+            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid)
+        return claimed[0] if claimed else None
+
+    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None):
+        served = None if tasks is None else tuple(sorted(set(tasks)))
+        claimed = []
+        # The best priority with anything queued, read off the claim index: the probes
+        # below skip the (often empty) levels above it.
+        lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
+                                   " WHERE state = 'queued'").fetchall()[0][0]
+        if lowest is None:
+            return []
+        blocked, trial_tasks = breakers_blocking(self.conn, at)
+        for priority in sorted(p for p in priorities if p >= lowest):
+            while len(claimed) < limit:
+                row = self._next_due(priority, at, served, blocked)
+                if row is None:
+                    break
+                task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
+                (running,) = _rows(self.conn.execute(self._CLAIM_SQL, {
+                    "owner": owner, "at": at, "pid": pid, "id": row["id"],
+                    "declared": task is not None,
+                    **{name: None if task is None else getattr(task.defaults, name)
+                       for name in self.RESOLVED_AT_CLAIM}}))
+                self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
+                try:
+                    job = Job(running, strict=True)
+                except UnreadableValue as exc:        # it can never run: dead, not a crash
+                    self._finish(row["id"], row["task"], RUNNING, DEAD, at, str(exc))
+                    continue
+                if row["task"] in trial_tasks:
+                    begin_trial(self.conn, row["task"], row["id"], at)
+                    blocked.add(row["task"])           # exactly one trial job
+                claimed.append(job)
+        return claimed
+
+    # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
+    # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
+    # from the claimer's declaration of the task, else the catalogue row, else the global
+    # defaults (DEFAULT_MAX_ATTEMPTS; no timeout; the supervisor's memory limit).
+    RESOLVED_AT_CLAIM = {"max_attempts": 1, "timeout_s": 2, "memory_limit_bytes": 4}
+    _CLAIM_SQL = (
+        "UPDATE jobs SET state = 'running', owner = :owner, started_at = :at,"
+        " attempts = attempts + 1, pid = :pid,"
+        " max_attempts = CASE WHEN overrides & 1 THEN max_attempts"
+        " WHEN :declared THEN :max_attempts ELSE coalesce((SELECT t.max_attempts FROM tasks t"
+        f" WHERE t.name = jobs.task), {DEFAULT_MAX_ATTEMPTS}) END,"
+        " timeout_s = CASE WHEN overrides & 2 THEN timeout_s"
+        " WHEN :declared THEN :timeout_s ELSE (SELECT t.timeout_s FROM tasks t"
+        " WHERE t.name = jobs.task) END,"
+        " memory_limit_bytes = CASE WHEN overrides & 4 THEN memory_limit_bytes"
+        " WHEN :declared THEN :memory_limit_bytes ELSE (SELECT t.memory_limit_bytes"
+        " FROM tasks t WHERE t.name = jobs.task) END"
+        " WHERE id = :id RETURNING *")
+
+    CLAIM_WINDOW = 64
+
+    def _next_due(self, priority, at, served, blocked):
+        """The next claimable job at one priority: {id, task}, or None.
+
+        Jobs are looked at in claim order (due time, then id) among the first CLAIM_WINDOW
+        due at this priority, which is where the next job almost always is. Only when all
+        of those belong to tasks this claimer may not run (served by another supervisor,
+        or behind an open breaker) does it seek the earliest job of each task it may run,
+        so a backlog of someone else's jobs never makes every claim scan it."""
+        window = ("SELECT id, task, expires_at FROM jobs INDEXED BY jobs_claim"
+                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :at"
+                  " ORDER BY due_at, id LIMIT :window")
+        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW}
+        claimable = " (expires_at IS NULL OR expires_at > :at)"
+        # The task lists as literal parameter lists: a few times cheaper than json_each,
+        # and each supervisor keeps using the same few statements (cached once prepared).
+        for name, op, values in (("b", "NOT IN", sorted(blocked)), ("s", "IN", served)):
+            if values is not None and (values or op == "IN"):
+                marks = ", ".join(f":{name}{i}" for i in range(len(values)))
+                claimable += f" AND task {op} ({marks})"
+                params.update((f"{name}{i}", value) for i, value in enumerate(values))
+        rows = _rows(self.conn.execute(
+            f"SELECT id, task FROM ({window}) WHERE{claimable} LIMIT 1", params))
+        if rows:
+            return rows[0]
+        crowded = self.conn.execute(f"SELECT count(*) FROM ({window})",
+                                    params).fetchall()[0][0] == self.CLAIM_WINDOW
+        if not crowded:
+            return None
+        if served is None:                    # no list of tasks to seek: scan in claim order
+            rows = _rows(self.conn.execute(
+                "SELECT id, task FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
+                f" AND priority = :priority AND due_at <= :at AND{claimable}"
+                " ORDER BY due_at, id LIMIT 1", params))
+            return rows[0] if rows else None
+        best = None
+        for task in served:
+            if task in blocked:
+                continue
+            rows = _rows(self.conn.execute(
+                "SELECT id, task, due_at FROM jobs INDEXED BY jobs_task_queue"
+                " WHERE state = 'queued' AND task = :task AND priority = :priority"
+                " AND due_at <= :at AND (expires_at IS NULL OR expires_at > :at)"
+                " ORDER BY due_at, id LIMIT 1", {**params, "task": task}))
+            if rows and (best is None or (rows[0]["due_at"], rows[0]["id"])
+                         < (best["due_at"], best["id"])):
+                best = rows[0]
+        return None if best is None else {"id": best["id"], "task": best["task"]}
+
+    def has_due(self, *, tasks=None, at=None):
+        """Is any job of these tasks claimable now (ignoring memory pressure)?"""
+        at = now() if at is None else at
+        served = None if tasks is None else tuple(sorted(set(tasks)))
+        try:
+            blocked, _ = breakers_blocking(self.conn, at)
+        except apsw.Error as exc:
+            raise _translate(exc, self.path) from None
+        return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
+
+    def _leased(self, job_id, owner, attempt):
+        """The lease row (task, attempts, max_attempts, cancel_requested) of a job running
+        under this lease; LeaseLost if there is none."""
+        rows = self.conn.execute(
+            "SELECT task, attempts, max_attempts, cancel_requested FROM jobs WHERE id = ?"
+            " AND state = 'running' AND owner = ? AND attempts = ?",
+            (job_id, owner, attempt)).fetchall()
+        if not rows:
+            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+        return _Lease(*rows[0])
+
+    def complete(self, job_id, owner, attempt, result=None):
+        """Mark a leased job done with its JSON result."""
+        text = dumps_json(result, "result")
+        with self._tx():
+            self._complete_in_tx(job_id, owner, attempt, text, now())
+
+    def _complete_in_tx(self, job_id, owner, attempt, text, at):
+        # The lease check and the update in one statement.
+        rows = self.conn.execute(
+            "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
+            " pid = NULL, error = NULL WHERE id = ? AND state = 'running' AND owner = ?"
+            " AND attempts = ? RETURNING task,"
+            " (SELECT state FROM breakers WHERE breakers.task = jobs.task)",
+            (text, at, job_id, owner, attempt)).fetchall()
+        if not rows:
+            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+        task, breaker_state = rows[0]
+        self._event(at, job_id, task, "job", RUNNING, DONE, None)
+        if breaker_state not in (None, "closed"):        # only a trial can close one
+            breaker_success(self.conn, task, job_id, at)
+        if task == "heartbeat":
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
+                              " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                              (repr(at),))
+
+    def fail(self, job_id, owner, attempt, error, *, retryable=True, breaker_failure=True):
+        """Record a failure of a leased job: retry later with backoff while attempts remain,
+        else dead with the error kept. Returns the new state."""
+        with self._tx():
+            return self._fail_in_tx(job_id, owner, attempt, error, retryable, breaker_failure,
+                                    now())
+
+    def _fail_in_tx(self, job_id, owner, attempt, error, retryable, breaker_failure, at):
+        job = self._leased(job_id, owner, attempt)
+        if job.cancel_requested:
+            # Asked to cancel: no retry, and however the task ended (an exception from
+            # being interrupted, a kill) it says nothing of the task's health.
+            breaker_release_trial(self.conn, job.task, job_id, at)
+            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
+            return CANCELLED
+        if breaker_failure:
+            breaker_failed(self.conn, self.breaker_policy, job.task, job_id, at)
+        else:
+            breaker_release_trial(self.conn, job.task, job_id, at)
+        if retryable and job.attempts < job.max_attempts:
+            # The TTL counts from when the job is due: a backoff moves its expiry along
+            # with its due time (so expires_at - due_at stays the TTL, which retry uses).
+            self.conn.execute(
+                "UPDATE jobs SET state = 'queued', error = :error, expires_at = expires_at"
+                " + (:due_at - due_at), due_at = :due_at, owner = NULL, pid = NULL"
+                " WHERE id = :id", {"error": error, "due_at": at + backoff_s(job.attempts),
+                                    "id": job_id})
+            self._event(at, job_id, job.task, "job", RUNNING, QUEUED,
+                        f"attempt {job.attempts} failed: {_last_line(error)}")
+            return QUEUED
+        self._finish(job_id, job.task, RUNNING, DEAD, at, _last_line(error), error=error)
+        return DEAD
+
+    def requeue(self, job_id, owner, attempt, reason, *, charge, preempted=False,
+                recovered=False, pressure=None):
+        """Give a running job back to the queue with its checkpoint (preemption, shutdown).
+        Not charged: the attempt is refunded. Charged and out of attempts: dead."""
+        with self._tx():
+            return self._requeue(job_id, owner, attempt, reason, charge, preempted, recovered,
+                                 pressure, now())
+
+    def _requeue(self, job_id, owner, attempt, reason, charge, preempted, recovered, pressure,
+                 at):
+        job = self._leased(job_id, owner, attempt)
+        breaker_release_trial(self.conn, job.task, job_id, at)
+        if job.cancel_requested:                 # asked to cancel: it ends here
+            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
+            return CANCELLED
+        if charge and job.attempts >= job.max_attempts:
+            self._finish(job_id, job.task, RUNNING, DEAD, at, reason)
+            return DEAD
+        self.conn.execute(
+            "UPDATE jobs SET state = 'queued', owner = NULL, pid = NULL,"
+            " attempts = attempts - ?, preemptions = preemptions + ?,"
+            " recoveries = recoveries + ? WHERE id = ?",
+            (0 if charge else 1, int(preempted), int(recovered), job_id))
+        self._event(at, job_id, job.task, "job", RUNNING, QUEUED, reason, pressure)
+        return QUEUED
+
+    def finish_cancelled(self, job_id, owner, attempt):
+        """A running job whose cancel was asked has stopped: cancelled."""
+        with self._tx():
+            self._finish_cancelled_in_tx(job_id, owner, attempt, now())
+
+    def _finish_cancelled_in_tx(self, job_id, owner, attempt, at):
+        job = self._leased(job_id, owner, attempt)
+        breaker_release_trial(self.conn, job.task, job_id, at)
+        self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
+
+    def save_checkpoint(self, job_id, owner, attempt, state):
+        """Store a running job's checkpoint durably."""
+        text = dumps_json(state, "checkpoint")
+        with self._tx():
+            self._save_checkpoint_in_tx(job_id, owner, attempt, text, now())
+
+    def _save_checkpoint_in_tx(self, job_id, owner, attempt, text, at):
+        self.conn.execute(
+            "UPDATE jobs SET checkpoint = ?, checkpoint_at = ? WHERE id = ?"
+            " AND state = 'running' AND owner = ? AND attempts = ?",
+            (text, at, job_id, owner, attempt))
+        if not self.conn.changes():
+            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
+
+    def load_checkpoint(self, job_id):
+        return self.get(job_id).checkpoint
+
+    def set_progress(self, job_id, owner, attempt, done, total=None):
+        with self._tx():
+            self.conn.execute(
+                "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
+                " AND state = 'running' AND owner = ? AND attempts = ?",
+                (done, total, job_id, owner, attempt))
+
+    def record_runs(self, owner, records, *, events=(), claims=(), at=None):
+        """Record in one transaction what a supervisor's children reported (progress,
+        checkpoints) and how their runs ended, the supervisor's decisions (events), and claim
+        its next jobs (claims: (tasks, priorities, limit) each): a group commit.
+
+        Returns ({job_id: state after, or None if its lease was lost}, [[claimed Job] for
+        each claim]). Synced
+        (on a durable queue) when it holds a checkpoint or an ending: a child hears that its
+        checkpoint is saved only once this has returned."""
+        at = now() if at is None else at
+        synced = any(r.checkpoint is not None or r.ending is not None for r in records)
+        states = {}
+        with (contextlib.nullcontext() if synced else self._unsynced()), self._tx():
+            for record in records:
+                try:
+                    states[record.job_id] = self._record_run(owner, record, at)
+                except LeaseLost:
+                    states[record.job_id] = None
+            for kind, job_id, task, from_state, to_state, reason, pressure, event_at in events:
+                self._event(event_at, job_id, task, kind, from_state, to_state, reason, pressure)
+            claimed = [self._claim_in_tx(owner, *claim, at) for claim in claims]
+        return states, claimed
+
+    def _record_run(self, owner, record, at):
+        lease = (record.job_id, owner, record.attempt)
+        if record.progress is not None:
+            self.conn.execute(
+                "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
+                " AND state = 'running' AND owner = ? AND attempts = ?", (*record.progress, *lease))
+        if record.checkpoint is not None:
+            self._save_checkpoint_in_tx(*lease, record.checkpoint, at)
+        ending = record.ending
+        if ending is None:
+            return RUNNING
+        if ending.state == DONE:
+            self._complete_in_tx(*lease, ending.result, at)
+            return DONE
+        if ending.state == CANCELLED:
+            self._finish_cancelled_in_tx(*lease, at)
+            return CANCELLED
+        if ending.state == ENDING_FAILED:
+            return self._fail_in_tx(*lease, ending.reason, ending.retryable,
+                                    ending.breaker_failure, at)
+        return self._requeue(*lease, ending.reason, ending.charge, ending.preempted, False,
+                             record.pressure, at)
+
+    def cancel_requested(self, job_ids):
+        """Which of these jobs someone asked to cancel."""
+        marks = ",".join("?" * len(job_ids))
+        return [row["id"] for row in self._read(
+            f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids)]
+
+    # -- supervisors: registration, leases, recovery --------------------------------------
+
+    def register_supervisor(self, supervisor_id, host, task_names, task_defaults):
+        """Store a supervisor's task declarations and its row (its lease on its jobs)."""
+        self.store_catalogue(task_defaults)
+        import psutil
+        started_at = psutil.Process().create_time()
+        with self._tx():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
+                " tasks) VALUES (?, ?, ?, ?, ?, ?)",
+                (supervisor_id, host, os.getpid(), started_at, now(), json.dumps(task_names)))
+
+    def unregister_supervisor(self, supervisor_id):
+        with contextlib.suppress(Error):
+            with self._tx():
+                self.conn.execute("DELETE FROM supervisors WHERE id = ?", (supervisor_id,))
+
+    def supervisor_heartbeat(self, supervisor_id, at, level, pressure, running):
+        """Renew a supervisor's lease; False if its row is gone (it was taken for dead)."""
+        with self._unsynced(), self._tx():
+            self.conn.execute(
+                "UPDATE supervisors SET heartbeat_at = ?, level = ?, pressure = ?, running = ?"
+                " WHERE id = ?", (at, level, pressure, json.dumps(running), supervisor_id))
+            return bool(self.conn.changes())
+
+    def recover_orphans(self, owner, is_alive, at):
+        """Requeue jobs whose supervisor is gone (is_alive(row, at) says). Recoveries are
+        charged, so a job that keeps killing its supervisor ends dead instead of looping.
+        One transaction: no supervisor can register and claim between the look at who is
+        alive and the requeue."""
+        recovered = []
+        with self._tx():
+            rows = _rows(self.conn.execute("SELECT * FROM supervisors"))
+            dead = {sup["id"] for sup in rows if sup["id"] != owner and not is_alive(sup, at)}
+            live = {sup["id"] for sup in rows} - dead
+            for row in _rows(self.conn.execute(
+                    "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")):
+                if row["owner"] != owner and row["owner"] not in live:
+                    state = self._requeue(row["id"], row["owner"], row["attempts"],
+                                          f"recovered: supervisor {row['owner']} is gone",
+                                          True, False, True, None, at)
+                    recovered.append((row, state))
+            for sup_id in dead:
+                self.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
+        for row, state in recovered:
+            log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
+                        row["task"], row["owner"], state)
+        return recovered
+
+    def shed_due(self, *, tasks=None, at=None, pressure=None):
+        """Skip every due low-priority job of a shed=True task (memory pressure)."""
+        return self._skip_where(
+            f"priority = {LOW} AND shed = 1 AND due_at <= :at", tasks, at,
+            "shed under memory pressure", pressure)
+
+    def expire(self, *, at=None):
+        """Skip every waiting job whose TTL ran out, whatever else holds it back."""
+        return self._skip_where("expires_at IS NOT NULL AND expires_at <= :at", None, at,
+                                "expired", None)
+
+    def _skip_where(self, condition, tasks, at, reason, pressure):
+        at = now() if at is None else at
+        params = {"at": at, "tasks": None if tasks is None else json.dumps(sorted(tasks))}
+        task_clause = "" if tasks is None else " AND task IN (SELECT value FROM json_each(:tasks))"
+        select = f"SELECT id, task FROM jobs WHERE state = 'queued' AND {condition}{task_clause}"
+        if not self._read(select + " LIMIT 1", params):
+            return []                   # the common case stays a read, with no write lock
+        with self._tx():
+            rows = _rows(self.conn.execute(select, params))
+            for row in rows:
+                self.conn.execute("UPDATE jobs SET state = 'skipped', finished_at = ?,"
+                                  " error = ? WHERE id = ?", (at, reason, row["id"]))
+                self._event(at, row["id"], row["task"], "job", QUEUED, SKIPPED, reason, pressure)
+        return [row["id"] for row in rows]
+
+    def record_event(self, kind, from_state, to_state, reason, *, job_id=None, task=None,
+                     pressure=None, at=None):
+        """A supervisor decision or level change, kept with the jobs it concerns."""
+        with self._tx():
+            self._event(now() if at is None else at, job_id, task, kind, from_state, to_state,
+                        reason, pressure)
+
+    def live_supervisors(self, at=None):
+        at = now() if at is None else at
+        return self._read("SELECT * FROM supervisors WHERE heartbeat_at > ?", (at - LEASE_S,))
+
+
+class Queue(_Leases):
     """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task."""
 
     def __init__(self, path=None, max_depth=None, *, durable=True,
@@ -817,21 +1274,6 @@ class Queue:
         if not text or "\0" in text:
             raise BadInput(f"database path must be a non-empty path without NUL, not {path!r:.60}")
         return text
-
-    def _tx(self):
-        return _transaction(self.conn, self.path)
-
-    def _read(self, sql, params=()):
-        try:
-            return _rows(self.conn.execute(sql, params))
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
-
-    def _event(self, at, job_id, task, kind, from_state, to_state, reason=None, pressure=None):
-        self.conn.execute(
-            "INSERT INTO events (at, job_id, task, kind, from_state, to_state, reason, pressure)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (at, job_id, task, kind, from_state, to_state, reason, pressure))
 
     def close(self):
         self.conn.close()
@@ -1031,13 +1473,6 @@ class Queue:
         # tenth of the enqueue rate under synchronous=FULL).
         return self.conn.last_insert_rowid()
 
-    def _finish(self, job_id, task, from_state, to_state, at, reason, error=None):
-        """Move a job to a final state (inside a transaction) and record it."""
-        self.conn.execute(
-            "UPDATE jobs SET state = ?, finished_at = ?, owner = NULL, pid = NULL,"
-            " error = coalesce(?, error) WHERE id = ?", (to_state, at, error or reason, job_id))
-        self._event(at, job_id, task, "job", from_state, to_state, reason)
-
     # -- inspect ------------------------------------------------------------------------
 
     def get(self, job_id):
@@ -1137,6 +1572,26 @@ class Queue:
             self._event(at, job.id, job.task, "job", job.state, QUEUED, "retried by hand")
         return job.id
 
+    def reset_breaker(self, task):
+        """Close a task's breaker by hand; returns the state it was in, as users saw it."""
+        with self._tx():
+            at = now()
+            known = self.conn.execute("SELECT 1 FROM tasks WHERE name = ? UNION ALL SELECT 1"
+                                      " FROM breakers WHERE task = ?", (task, task)).fetchall()
+            if not known:
+                raise UnknownTask(f"no task {task!r} in this file's catalogue or breakers")
+            row = _load_breaker(self.conn, task, at)
+            _store_breaker(self.conn, row, new_breaker(task, at), at, "reset by hand")
+            return effective_breaker_state(row, at)
+
+    def breakers(self, at=None):
+        """Every task's breaker as users see it (an open one past its cooldown: half-open)."""
+        at = now() if at is None else at
+        return [{"task": r["task"], "state": effective_breaker_state(r, at),
+                 "failures": len(json.loads(r["failures"])), "opened_at": r["opened_at"],
+                 "cooldown_s": r["cooldown_s"], "trial_job_id": r["trial_job_id"]}
+                for r in self._read("SELECT * FROM breakers ORDER BY task")]
+
     def purge(self, older_than, *, at=None):
         """Delete final jobs that finished more than older_than ago, with their events and
         checkpoints. Returns how many jobs were deleted."""
@@ -1176,433 +1631,7 @@ class Queue:
         finally:
             self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
 
-    # -- the worker side: claim, complete, fail, release, checkpoints --------------------
-
-    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
-        """Atomically take up to `limit` due jobs (priority, then due time, then id) for
-        `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
-        `tasks`: the names of the tasks the claimer serves (None: any); a dict {name: Task}
-        also gives its declarations, which come before the catalogue when a job's options
-        resolve (see RESOLVED_AT_CLAIM).
-
-        A claim is committed without its own fsync, even on a durable queue: it records only
-        a lease. Should power fail before a later commit syncs the log, the job is found
-        queued again, which is what recovery makes of a running job whose supervisor died."""
-        at = now() if at is None else at
-        with self._unsynced(), self._tx():
-            return self._claim_in_tx(owner, tasks, priorities, limit, at)
-
-    def complete_and_claim(self, job_id, owner, attempt, result=None, *, tasks=None,
-                           priorities=(0, 1, 2, 3), pid=None):
-        """complete(), and in the same transaction claim the next job for the same owner:
-        one commit between two jobs, as a pooled child goes on. The claimed row records
-        `pid`, the process that will run it. Returns the Job or None."""
-        text = dumps_json(result, "result")
-        with self._tx():
-            at = now()
-            self._complete_in_tx(job_id, owner, attempt, text, at)
-            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid)
-        return claimed[0] if claimed else None
-
-    @contextlib.contextmanager
-    def _unsynced(self):
-        if not self.durable:
-            yield
-            return
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        try:
-            yield
-        finally:
-            self.conn.execute("PRAGMA synchronous = FULL")
-
-    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None):
-        served = None if tasks is None else tuple(sorted(set(tasks)))
-        claimed = []
-        # The best priority with anything queued, read off the claim index: the probes
-        # below skip the (often empty) levels above it.
-        lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
-                                   " WHERE state = 'queued'").fetchall()[0][0]
-        if lowest is None:
-            return []
-        blocked, trial_tasks = breakers_blocking(self.conn, at)
-        for priority in sorted(p for p in priorities if p >= lowest):
-            while len(claimed) < limit:
-                row = self._next_due(priority, at, served, blocked)
-                if row is None:
-                    break
-                task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
-                (running,) = _rows(self.conn.execute(self._CLAIM_SQL, {
-                    "owner": owner, "at": at, "pid": pid, "id": row["id"],
-                    "declared": task is not None,
-                    **{name: None if task is None else getattr(task.defaults, name)
-                       for name in self.RESOLVED_AT_CLAIM}}))
-                self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
-                try:
-                    job = Job(running, strict=True)
-                except UnreadableValue as exc:        # it can never run: dead, not a crash
-                    self._finish(row["id"], row["task"], RUNNING, DEAD, at, str(exc))
-                    continue
-                if row["task"] in trial_tasks:
-                    begin_trial(self, row["task"], row["id"], at)
-                    blocked.add(row["task"])           # exactly one trial job
-                claimed.append(job)
-        return claimed
-
-    # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
-    # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
-    # from the claimer's declaration of the task, else the catalogue row, else the global
-    # defaults (DEFAULT_MAX_ATTEMPTS; no timeout; the supervisor's memory limit).
-    RESOLVED_AT_CLAIM = {"max_attempts": 1, "timeout_s": 2, "memory_limit_bytes": 4}
-    _CLAIM_SQL = (
-        "UPDATE jobs SET state = 'running', owner = :owner, started_at = :at,"
-        " attempts = attempts + 1, pid = :pid,"
-        " max_attempts = CASE WHEN overrides & 1 THEN max_attempts"
-        " WHEN :declared THEN :max_attempts ELSE coalesce((SELECT t.max_attempts FROM tasks t"
-        f" WHERE t.name = jobs.task), {DEFAULT_MAX_ATTEMPTS}) END,"
-        " timeout_s = CASE WHEN overrides & 2 THEN timeout_s"
-        " WHEN :declared THEN :timeout_s ELSE (SELECT t.timeout_s FROM tasks t"
-        " WHERE t.name = jobs.task) END,"
-        " memory_limit_bytes = CASE WHEN overrides & 4 THEN memory_limit_bytes"
-        " WHEN :declared THEN :memory_limit_bytes ELSE (SELECT t.memory_limit_bytes"
-        " FROM tasks t WHERE t.name = jobs.task) END"
-        " WHERE id = :id RETURNING *")
-
-    CLAIM_WINDOW = 64
-
-    def _next_due(self, priority, at, served, blocked):
-        """The next claimable job at one priority: {id, task}, or None.
-
-        Jobs are looked at in claim order (due time, then id) among the first CLAIM_WINDOW
-        due at this priority, which is where the next job almost always is. Only when all
-        of those belong to tasks this claimer may not run (served by another supervisor,
-        or behind an open breaker) does it seek the earliest job of each task it may run,
-        so a backlog of someone else's jobs never makes every claim scan it."""
-        window = ("SELECT id, task, expires_at FROM jobs INDEXED BY jobs_claim"
-                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :at"
-                  " ORDER BY due_at, id LIMIT :window")
-        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW}
-        claimable = " (expires_at IS NULL OR expires_at > :at)"
-        # The task lists as literal parameter lists: a few times cheaper than json_each,
-        # and each supervisor keeps using the same few statements (cached once prepared).
-        for name, op, values in (("b", "NOT IN", sorted(blocked)), ("s", "IN", served)):
-            if values is not None and (values or op == "IN"):
-                marks = ", ".join(f":{name}{i}" for i in range(len(values)))
-                claimable += f" AND task {op} ({marks})"
-                params.update((f"{name}{i}", value) for i, value in enumerate(values))
-        rows = _rows(self.conn.execute(
-            f"SELECT id, task FROM ({window}) WHERE{claimable} LIMIT 1", params))
-        if rows:
-            return rows[0]
-        crowded = self.conn.execute(f"SELECT count(*) FROM ({window})",
-                                    params).fetchall()[0][0] == self.CLAIM_WINDOW
-        if not crowded:
-            return None
-        if served is None:                    # no list of tasks to seek: scan in claim order
-            rows = _rows(self.conn.execute(
-                "SELECT id, task FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
-                f" AND priority = :priority AND due_at <= :at AND{claimable}"
-                " ORDER BY due_at, id LIMIT 1", params))
-            return rows[0] if rows else None
-        best = None
-        for task in served:
-            if task in blocked:
-                continue
-            rows = _rows(self.conn.execute(
-                "SELECT id, task, due_at FROM jobs INDEXED BY jobs_task_queue"
-                " WHERE state = 'queued' AND task = :task AND priority = :priority"
-                " AND due_at <= :at AND (expires_at IS NULL OR expires_at > :at)"
-                " ORDER BY due_at, id LIMIT 1", {**params, "task": task}))
-            if rows and (best is None or (rows[0]["due_at"], rows[0]["id"])
-                         < (best["due_at"], best["id"])):
-                best = rows[0]
-        return None if best is None else {"id": best["id"], "task": best["task"]}
-
-    def has_due(self, *, tasks=None, at=None):
-        """Is any job of these tasks claimable now (ignoring memory pressure)?"""
-        at = now() if at is None else at
-        served = None if tasks is None else tuple(sorted(set(tasks)))
-        try:
-            blocked, _ = breakers_blocking(self.conn, at)
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
-        return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
-
-    def _leased(self, job_id, owner, attempt):
-        """The lease row (task, attempts, max_attempts, cancel_requested) of a job running
-        under this lease; LeaseLost if there is none."""
-        rows = self.conn.execute(
-            "SELECT task, attempts, max_attempts, cancel_requested FROM jobs WHERE id = ?"
-            " AND state = 'running' AND owner = ? AND attempts = ?",
-            (job_id, owner, attempt)).fetchall()
-        if not rows:
-            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
-        return _Lease(*rows[0])
-
-    def complete(self, job_id, owner, attempt, result=None):
-        """Mark a leased job done with its JSON result."""
-        text = dumps_json(result, "result")
-        with self._tx():
-            self._complete_in_tx(job_id, owner, attempt, text, now())
-
-    def _complete_in_tx(self, job_id, owner, attempt, text, at):
-        # The lease check and the update in one statement.
-        rows = self.conn.execute(
-            "UPDATE jobs SET state = 'done', result = ?, finished_at = ?, owner = NULL,"
-            " pid = NULL, error = NULL WHERE id = ? AND state = 'running' AND owner = ?"
-            " AND attempts = ? RETURNING task,"
-            " (SELECT state FROM breakers WHERE breakers.task = jobs.task)",
-            (text, at, job_id, owner, attempt)).fetchall()
-        if not rows:
-            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
-        task, breaker_state = rows[0]
-        self._event(at, job_id, task, "job", RUNNING, DONE, None)
-        if breaker_state not in (None, "closed"):        # only a trial can close one
-            breaker_success(self, task, job_id, at)
-        if task == "heartbeat":
-            self.conn.execute("INSERT INTO meta (key, value) VALUES ('heartbeat_at', ?)"
-                              " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                              (repr(at),))
-
-    def fail(self, job_id, owner, attempt, error, *, retryable=True, breaker_failure=True):
-        """Record a failure of a leased job: retry later with backoff while attempts remain,
-        else dead with the error kept. Returns the new state."""
-        with self._tx():
-            return self._fail_in_tx(job_id, owner, attempt, error, retryable, breaker_failure,
-                                    now())
-
-    def _fail_in_tx(self, job_id, owner, attempt, error, retryable, breaker_failure, at):
-        job = self._leased(job_id, owner, attempt)
-        if job.cancel_requested:
-            # Asked to cancel: no retry, and however the task ended (an exception from
-            # being interrupted, a kill) it says nothing of the task's health.
-            breaker_release_trial(self, job.task, job_id, at)
-            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled", error=error)
-            return CANCELLED
-        if breaker_failure:
-            breaker_failed(self, job.task, job_id, at)
-        else:
-            breaker_release_trial(self, job.task, job_id, at)
-        if retryable and job.attempts < job.max_attempts:
-            # The TTL counts from when the job is due: a backoff moves its expiry along
-            # with its due time (so expires_at - due_at stays the TTL, which retry uses).
-            self.conn.execute(
-                "UPDATE jobs SET state = 'queued', error = :error, expires_at = expires_at"
-                " + (:due_at - due_at), due_at = :due_at, owner = NULL, pid = NULL"
-                " WHERE id = :id", {"error": error, "due_at": at + backoff_s(job.attempts),
-                                    "id": job_id})
-            self._event(at, job_id, job.task, "job", RUNNING, QUEUED,
-                        f"attempt {job.attempts} failed: {_last_line(error)}")
-            return QUEUED
-        self._finish(job_id, job.task, RUNNING, DEAD, at, _last_line(error), error=error)
-        return DEAD
-
-    def requeue(self, job_id, owner, attempt, reason, *, charge, preempted=False,
-                recovered=False, pressure=None):
-        """Give a running job back to the queue with its checkpoint (preemption, shutdown).
-        Not charged: the attempt is refunded. Charged and out of attempts: dead."""
-        with self._tx():
-            return self._requeue(job_id, owner, attempt, reason, charge, preempted, recovered,
-                                 pressure, now())
-
-    def _requeue(self, job_id, owner, attempt, reason, charge, preempted, recovered, pressure,
-                 at):
-        job = self._leased(job_id, owner, attempt)
-        breaker_release_trial(self, job.task, job_id, at)
-        if job.cancel_requested:                 # asked to cancel: it ends here
-            self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
-            return CANCELLED
-        if charge and job.attempts >= job.max_attempts:
-            self._finish(job_id, job.task, RUNNING, DEAD, at, reason)
-            return DEAD
-        self.conn.execute(
-            "UPDATE jobs SET state = 'queued', owner = NULL, pid = NULL,"
-            " attempts = attempts - ?, preemptions = preemptions + ?,"
-            " recoveries = recoveries + ? WHERE id = ?",
-            (0 if charge else 1, int(preempted), int(recovered), job_id))
-        self._event(at, job_id, job.task, "job", RUNNING, QUEUED, reason, pressure)
-        return QUEUED
-
-    def finish_cancelled(self, job_id, owner, attempt):
-        """A running job whose cancel was asked has stopped: cancelled."""
-        with self._tx():
-            self._finish_cancelled_in_tx(job_id, owner, attempt, now())
-
-    def _finish_cancelled_in_tx(self, job_id, owner, attempt, at):
-        job = self._leased(job_id, owner, attempt)
-        breaker_release_trial(self, job.task, job_id, at)
-        self._finish(job_id, job.task, RUNNING, CANCELLED, at, "cancelled")
-
-    def save_checkpoint(self, job_id, owner, attempt, state):
-        """Store a running job's checkpoint durably."""
-        text = dumps_json(state, "checkpoint")
-        with self._tx():
-            self._save_checkpoint_in_tx(job_id, owner, attempt, text, now())
-
-    def _save_checkpoint_in_tx(self, job_id, owner, attempt, text, at):
-        self.conn.execute(
-            "UPDATE jobs SET checkpoint = ?, checkpoint_at = ? WHERE id = ?"
-            " AND state = 'running' AND owner = ? AND attempts = ?",
-            (text, at, job_id, owner, attempt))
-        if not self.conn.changes():
-            raise LeaseLost(f"job {job_id} is no longer running under lease {owner}/{attempt}")
-
-    def load_checkpoint(self, job_id):
-        return self.get(job_id).checkpoint
-
-    def set_progress(self, job_id, owner, attempt, done, total=None):
-        with self._tx():
-            self.conn.execute(
-                "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
-                " AND state = 'running' AND owner = ? AND attempts = ?",
-                (done, total, job_id, owner, attempt))
-
-    def record_runs(self, owner, records, *, events=(), claims=(), at=None):
-        """Record in one transaction what a supervisor's children reported (progress,
-        checkpoints) and how their runs ended, the supervisor's decisions (events), and claim
-        its next jobs (claims: (tasks, priorities, limit) each): a group commit.
-
-        Returns ({job_id: state after, or None if its lease was lost}, [[claimed Job] for
-        each claim]). Synced
-        (on a durable queue) when it holds a checkpoint or an ending: a child hears that its
-        checkpoint is saved only once this has returned."""
-        at = now() if at is None else at
-        synced = any(r.checkpoint is not None or r.ending is not None for r in records)
-        states = {}
-        with (contextlib.nullcontext() if synced else self._unsynced()), self._tx():
-            for record in records:
-                try:
-                    states[record.job_id] = self._record_run(owner, record, at)
-                except LeaseLost:
-                    states[record.job_id] = None
-            for kind, job_id, task, from_state, to_state, reason, pressure, event_at in events:
-                self._event(event_at, job_id, task, kind, from_state, to_state, reason, pressure)
-            claimed = [self._claim_in_tx(owner, *claim, at) for claim in claims]
-        return states, claimed
-
-    def _record_run(self, owner, record, at):
-        lease = (record.job_id, owner, record.attempt)
-        if record.progress is not None:
-            self.conn.execute(
-                "UPDATE jobs SET progress_done = ?, progress_total = ? WHERE id = ?"
-                " AND state = 'running' AND owner = ? AND attempts = ?", (*record.progress, *lease))
-        if record.checkpoint is not None:
-            self._save_checkpoint_in_tx(*lease, record.checkpoint, at)
-        ending = record.ending
-        if ending is None:
-            return RUNNING
-        if ending.state == DONE:
-            self._complete_in_tx(*lease, ending.result, at)
-            return DONE
-        if ending.state == CANCELLED:
-            self._finish_cancelled_in_tx(*lease, at)
-            return CANCELLED
-        if ending.state == ENDING_FAILED:
-            return self._fail_in_tx(*lease, ending.reason, ending.retryable,
-                                    ending.breaker_failure, at)
-        return self._requeue(*lease, ending.reason, ending.charge, ending.preempted, False,
-                             record.pressure, at)
-
-    def cancel_requested(self, job_ids):
-        """Which of these jobs someone asked to cancel."""
-        marks = ",".join("?" * len(job_ids))
-        return [row["id"] for row in self._read(
-            f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids)]
-
-    def data_version(self):
-        """Changes whenever another connection commits to the file (PRAGMA data_version)."""
-        try:
-            return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
-
-    # -- supervisors: registration, leases, recovery --------------------------------------
-
-    def register_supervisor(self, supervisor_id, host, task_names, task_defaults):
-        """Store a supervisor's task declarations and its row (its lease on its jobs)."""
-        self.store_catalogue(task_defaults)
-        import psutil
-        started_at = psutil.Process().create_time()
-        with self._tx():
-            self.conn.execute(
-                "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
-                " tasks) VALUES (?, ?, ?, ?, ?, ?)",
-                (supervisor_id, host, os.getpid(), started_at, now(), json.dumps(task_names)))
-
-    def unregister_supervisor(self, supervisor_id):
-        with contextlib.suppress(Error):
-            with self._tx():
-                self.conn.execute("DELETE FROM supervisors WHERE id = ?", (supervisor_id,))
-
-    def supervisor_heartbeat(self, supervisor_id, at, level, pressure, running):
-        """Renew a supervisor's lease; False if its row is gone (it was taken for dead)."""
-        with self._unsynced(), self._tx():
-            self.conn.execute(
-                "UPDATE supervisors SET heartbeat_at = ?, level = ?, pressure = ?, running = ?"
-                " WHERE id = ?", (at, level, pressure, json.dumps(running), supervisor_id))
-            return bool(self.conn.changes())
-
-    def recover_orphans(self, owner, is_alive, at):
-        """Requeue jobs whose supervisor is gone (is_alive(row, at) says). Recoveries are
-        charged, so a job that keeps killing its supervisor ends dead instead of looping.
-        One transaction: no supervisor can register and claim between the look at who is
-        alive and the requeue."""
-        recovered = []
-        with self._tx():
-            rows = _rows(self.conn.execute("SELECT * FROM supervisors"))
-            dead = {sup["id"] for sup in rows if sup["id"] != owner and not is_alive(sup, at)}
-            live = {sup["id"] for sup in rows} - dead
-            for row in _rows(self.conn.execute(
-                    "SELECT id, task, owner, attempts FROM jobs WHERE state = 'running'")):
-                if row["owner"] != owner and row["owner"] not in live:
-                    state = self._requeue(row["id"], row["owner"], row["attempts"],
-                                          f"recovered: supervisor {row['owner']} is gone",
-                                          True, False, True, None, at)
-                    recovered.append((row, state))
-            for sup_id in dead:
-                self.conn.execute("DELETE FROM supervisors WHERE id = ?", (sup_id,))
-        for row, state in recovered:
-            log.warning("job %d %s recovered from dead supervisor %s: %s", row["id"],
-                        row["task"], row["owner"], state)
-        return recovered
-
-    def shed_due(self, *, tasks=None, at=None, pressure=None):
-        """Skip every due low-priority job of a shed=True task (memory pressure)."""
-        return self._skip_where(
-            "priority = 3 AND shed = 1 AND due_at <= :at", tasks, at, "shed under memory pressure",
-            pressure)
-
-    def expire(self, *, at=None):
-        """Skip every waiting job whose TTL ran out, whatever else holds it back."""
-        return self._skip_where("expires_at IS NOT NULL AND expires_at <= :at", None, at,
-                                "expired", None)
-
-    def _skip_where(self, condition, tasks, at, reason, pressure):
-        at = now() if at is None else at
-        params = {"at": at, "tasks": None if tasks is None else json.dumps(sorted(tasks))}
-        task_clause = "" if tasks is None else " AND task IN (SELECT value FROM json_each(:tasks))"
-        select = f"SELECT id, task FROM jobs WHERE state = 'queued' AND {condition}{task_clause}"
-        if not self._read(select + " LIMIT 1", params):
-            return []                   # the common case stays a read, with no write lock
-        with self._tx():
-            rows = _rows(self.conn.execute(select, params))
-            for row in rows:
-                self.conn.execute("UPDATE jobs SET state = 'skipped', finished_at = ?,"
-                                  " error = ? WHERE id = ?", (at, reason, row["id"]))
-                self._event(at, row["id"], row["task"], "job", QUEUED, SKIPPED, reason, pressure)
-        return [row["id"] for row in rows]
-
-    def record_event(self, kind, from_state, to_state, reason, *, job_id=None, task=None,
-                     pressure=None, at=None):
-        """A supervisor decision or level change, kept with the jobs it concerns."""
-        with self._tx():
-            self._event(now() if at is None else at, job_id, task, kind, from_state, to_state,
-                        reason, pressure)
-
     # -- status -------------------------------------------------------------------------
-
-    def live_supervisors(self, at=None):
-        at = now() if at is None else at
-        return self._read("SELECT * FROM supervisors WHERE heartbeat_at > ?", (at - LEASE_S,))
 
     def status(self, at=None):
         """Everything `status` shows, as one dict (the keys of `status --json`)."""
@@ -1735,10 +1764,18 @@ def _load_breaker(conn, task, at):
     return rows[0] if rows else new_breaker(task, at)
 
 
-def _store_breaker(queue, before, after, at, reason):
+def _insert_event(conn, at, job_id, task, kind, from_state, to_state, reason=None,
+                  pressure=None):
+    conn.execute(
+        "INSERT INTO events (at, job_id, task, kind, from_state, to_state, reason, pressure)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (at, job_id, task, kind, from_state, to_state, reason, pressure))
+
+
+def _store_breaker(conn, before, after, at, reason):
     if after is before:
         return
-    queue.conn.execute(
+    conn.execute(
         "INSERT INTO breakers (task, state, failures, opened_at, cooldown_s, trial_job_id,"
         " updated_at) VALUES (:task, :state, :failures, :opened_at, :cooldown_s, :trial_job_id,"
         " :updated_at) ON CONFLICT (task) DO UPDATE SET state = excluded.state,"
@@ -1746,8 +1783,8 @@ def _store_breaker(queue, before, after, at, reason):
         " cooldown_s = excluded.cooldown_s, trial_job_id = excluded.trial_job_id,"
         " updated_at = excluded.updated_at", after)
     if before["state"] != after["state"]:
-        queue._event(at, after["trial_job_id"], after["task"], "breaker", before["state"],
-                     after["state"], reason)
+        _insert_event(conn, at, after["trial_job_id"], after["task"], "breaker",
+                      before["state"], after["state"], reason)
         log.warning("breaker %s: %s -> %s (%s)", after["task"], before["state"],
                     after["state"], reason)
 
@@ -1761,17 +1798,18 @@ def breakers_blocking(conn, at):
     return blocked, trial
 
 
-def begin_trial(queue, task, job_id, at):
-    row = _load_breaker(queue.conn, task, at)
-    _store_breaker(queue, row, {**row, "state": "half-open", "trial_job_id": job_id,
-                                "updated_at": at}, at, f"cooldown over, trial job {job_id}")
+# Each of these runs inside its caller's transaction on `conn`.
+
+def begin_trial(conn, task, job_id, at):
+    row = _load_breaker(conn, task, at)
+    _store_breaker(conn, row, {**row, "state": "half-open", "trial_job_id": job_id,
+                               "updated_at": at}, at, f"cooldown over, trial job {job_id}")
 
 
-def _policy_for(queue, task):
-    """The queue's breaker policy, with the task's own thresholds from the catalogue."""
-    policy = queue.breaker_policy
-    rows = queue.conn.execute("SELECT breaker_failures, breaker_window_s FROM tasks"
-                              " WHERE name = ?", (task,)).fetchall()
+def _policy_for(conn, policy, task):
+    """The breaker policy, with the task's own thresholds from the catalogue."""
+    rows = conn.execute("SELECT breaker_failures, breaker_window_s FROM tasks"
+                        " WHERE name = ?", (task,)).fetchall()
     failures, window_s = rows[0] if rows else (None, None)
     if failures is None and window_s is None:
         return policy
@@ -1779,46 +1817,35 @@ def _policy_for(queue, task):
                          policy.cooldown_s, policy.max_cooldown_s)
 
 
-def breaker_failed(queue, task, job_id, at):
-    row = _load_breaker(queue.conn, task, at)
-    after = breaker_after_failure(row, at, _policy_for(queue, task), job_id)
-    _store_breaker(queue, row, after, at, f"job {job_id} failed")
+def breaker_failed(conn, policy, task, job_id, at):
+    row = _load_breaker(conn, task, at)
+    after = breaker_after_failure(row, at, _policy_for(conn, policy, task), job_id)
+    _store_breaker(conn, row, after, at, f"job {job_id} failed")
 
 
-def breaker_success(queue, task, job_id, at):
-    row = _load_breaker(queue.conn, task, at)
+def breaker_success(conn, task, job_id, at):
+    row = _load_breaker(conn, task, at)
     if row["state"] != "closed":
-        _store_breaker(queue, row, breaker_after_success(row, job_id, at), at,
+        _store_breaker(conn, row, breaker_after_success(row, job_id, at), at,
                        f"trial job {job_id} succeeded")
 
 
-def breaker_release_trial(queue, task, job_id, at):
+def breaker_release_trial(conn, task, job_id, at):
     """A trial that ended neither well nor badly (preempted, cancelled, shut down, lost):
     the next job of the task becomes the trial."""
-    row = _load_breaker(queue.conn, task, at)
+    row = _load_breaker(conn, task, at)
     if row["state"] == "half-open" and row["trial_job_id"] == job_id:
-        _store_breaker(queue, row, {**row, "trial_job_id": None, "updated_at": at}, at, None)
+        _store_breaker(conn, row, {**row, "trial_job_id": None, "updated_at": at}, at, None)
 
 
 def reset_breaker(queue, task):
-    """Close a task's breaker by hand."""
-    with queue._tx():
-        at = now()
-        known = queue.conn.execute("SELECT 1 FROM tasks WHERE name = ? UNION ALL SELECT 1 FROM"
-                                   " breakers WHERE task = ?", (task, task)).fetchall()
-        if not known:
-            raise UnknownTask(f"no task {task!r} in this file's catalogue or breakers")
-        row = _load_breaker(queue.conn, task, at)
-        _store_breaker(queue, row, new_breaker(task, at), at, "reset by hand")
-        return row["state"]
+    """Close a task's breaker by hand (Queue.reset_breaker)."""
+    return queue.reset_breaker(task)
 
 
 def list_breakers(queue, at=None):
-    at = now() if at is None else at
-    return [{"task": r["task"], "state": effective_breaker_state(r, at),
-             "failures": len(json.loads(r["failures"])), "opened_at": r["opened_at"],
-             "cooldown_s": r["cooldown_s"], "trial_job_id": r["trial_job_id"]}
-            for r in queue._read("SELECT * FROM breakers ORDER BY task")]
+    """Every task's breaker as users see it (Queue.breakers)."""
+    return queue.breakers(at)
 
 
 # ======================================================================================
@@ -3713,7 +3740,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def breaker_list(db, as_json):
         """Every task's breaker."""
-        found = list_breakers(Queue(db, create=False))
+        found = Queue(db, create=False).breakers()
         if as_json:
             echo_json(found)
             return
@@ -3725,7 +3752,7 @@ def _build_cli():
     @click.argument("task")
     def breaker_reset(db, task):
         """Close a task's breaker."""
-        before = reset_breaker(Queue(db, create=False), check_name(task))
+        before = Queue(db, create=False).reset_breaker(check_name(task))
         click.echo(f"{task}: {before} -> closed")
 
     @cli.command()
