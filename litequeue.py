@@ -2592,7 +2592,6 @@ class Ending:
 
     __slots__ = ("state", "reason", "result", "retryable", "breaker_failure", "charge",
                  "preempted")
-    FAILED, REQUEUED = "failed", "requeued"
 
     def __init__(self, state, reason=None, *, result=None, retryable=True,
                  breaker_failure=True, charge=False, preempted=False):
@@ -2621,10 +2620,10 @@ def run_ending(reported, *, current, stop_reason, detail, exit_code, saved):
         return Ending(CANCELLED, "cancelled")             # never a failure, however it ended
     if reported is not None:
         permanent = reported[1] == FAILED_PERMANENT
-        return Ending(Ending.FAILED, reported[2], retryable=not permanent,
+        return Ending(ENDING_FAILED, reported[2], retryable=not permanent,
                       breaker_failure=not permanent)
     if not current:
-        return Ending(Ending.REQUEUED, detail or "handed back before it started")
+        return Ending(ENDING_REQUEUED, detail or "handed back before it started")
     if stop_reason is None and exit_code in (EXIT_CHILD_STOPPED, -signal.SIGTERM):
         # Stopped by a signal from outside (systemd's SIGTERM to the whole group reached the
         # child before our own stop request): a shutdown, not a failure of the job.
@@ -2633,13 +2632,13 @@ def run_ending(reported, *, current, stop_reason, detail, exit_code, saved):
         charge = stop_reason in STOPPING_FOR_MEMORY and not saved
         why = detail if not charge else (
             f"memory pressure: {detail}, stopped before saving a checkpoint")
-        return Ending(Ending.REQUEUED, why, charge=charge,
+        return Ending(ENDING_REQUEUED, why, charge=charge,
                       preempted=stop_reason in STOPPING_FOR_MEMORY)
     if stop_reason in FAILING_STOPS:
-        return Ending(Ending.FAILED, detail)
+        return Ending(ENDING_FAILED, detail)
     if exit_code is not None and exit_code < 0:
-        return Ending(Ending.FAILED, f"killed by signal {-exit_code}")
-    return Ending(Ending.FAILED, f"child exited with code {exit_code} without recording a result")
+        return Ending(ENDING_FAILED, f"killed by signal {-exit_code}")
+    return Ending(ENDING_FAILED, f"child exited with code {exit_code} without recording a result")
 
 
 def ahead_wanted(last_run_s, handed_ahead, capacity_left):
@@ -2697,7 +2696,7 @@ class _Child:
 
     __slots__ = ("process", "from_child", "to_child", "runs", "partial", "outbox", "eof",
                  "reaped", "idle_since_tick", "handed", "last_run_s", "dropping", "done",
-                 "retired")
+                 "retired", "retired_tick")
 
     def __init__(self, process, from_child, to_child):
         self.process = process
@@ -2714,6 +2713,7 @@ class _Child:
         self.dropping = False           # told X; its D answer is awaited
         self.done = False               # said it takes no more jobs
         self.retired = False            # let go: SIGTERM sent
+        self.retired_tick = None        # when
 
     @property
     def pid(self):
@@ -2731,6 +2731,7 @@ class ChildPool:
     def __init__(self, spec, mp):
         self.spec, self.mp = spec, mp
         self.children = []              # not yet reaped
+        self.read_tick = 0.0            # when a child last said something
 
     def fork(self, run, tick):
         """A new child for run's job."""
@@ -2793,16 +2794,55 @@ class ChildPool:
             if child.outbox:
                 self.flush(child)
 
-    def read(self, on_line):
-        """Everything children said since the last read, in order: on_line(child, tag, rest)."""
+    def read(self):
+        """What children said since the last read, applied to their runs in order. Returns
+        [(run, current)] of the runs that ended there: reported done or failed (current:
+        it was its child's job), or given back unstarted on X."""
+        ended = []
         for child in list(self.children):
             data = self._read_all(child)
-            if not data:
-                continue
-            *lines, child.partial = (child.partial + data).split(b"\n")
-            for line in lines:
-                tag, _, rest = line.partition(b" ")
-                on_line(child, tag, rest)
+            if data:
+                self.read_tick = time.monotonic()
+                *lines, child.partial = (child.partial + data).split(b"\n")
+                for line in lines:
+                    ended += self._apply(child, line)
+        return ended
+
+    @staticmethod
+    def _apply(child, line):
+        """One line a child said (see the child section), applied to its run."""
+        tag, _, rest = line.partition(b" ")
+        if tag == SAY_DROPPED:
+            dropped = set(json.loads(rest))
+            child.dropping = False
+            gone = [run for run in child.runs[1:] if run.job.id in dropped]
+            child.runs = [run for run in child.runs if run not in gone]
+            return [(run, False) for run in gone]
+        job_id, _, rest = rest.partition(b" ")
+        run = next((run for run in child.runs if run.job.id == int(job_id)), None)
+        if run is None:
+            return []
+        if tag == SAY_STARTED:
+            started_tick, rss_bytes = rest.split()
+            run.started_tick, run.baseline_bytes = float(started_tick), int(rss_bytes)
+        elif tag == SAY_PROGRESS:
+            run.progress = json.loads(rest)
+        elif tag == SAY_CHECKPOINT:
+            run.checkpoint, run.saved, run.ack_owed = rest.decode(), True, True
+        elif tag == SAY_RESULT:
+            another, _, result = rest.partition(b" ")
+            run.reported, child.done = (DONE, result.decode()), another != b"1"
+        elif tag == SAY_FAILED:
+            kind, _, error = rest.partition(b" ")
+            run.reported, child.done = (ENDING_FAILED, kind.decode(), json.loads(error)), True
+        if run.reported is None:
+            return []
+        tick = time.monotonic()
+        child.runs.remove(run)
+        child.last_run_s = tick - (run.started_tick or run.handed_tick)
+        if not child.runs and not child.done:
+            child.idle_since_tick = tick
+        return [(run, True)]
 
     @staticmethod
     def _read_all(child):
@@ -2844,8 +2884,18 @@ class ChildPool:
 
     def retire(self, child):
         """Let an idle child go: SIGTERM ends a child waiting for a job at once."""
-        child.retired = True
+        child.retired, child.retired_tick = True, time.monotonic()
         self.signal(child, signal.SIGTERM)
+
+    def retire_idle(self, idle_s, linger_s):
+        """Let go of children idle for idle_s; SIGKILL retired ones lingering past linger_s."""
+        tick = time.monotonic()
+        for child in self.idle():
+            if tick - child.idle_since_tick > idle_s:
+                self.retire(child)
+        for child in self.children:
+            if child.retired and not child.runs and tick - child.retired_tick > linger_s:
+                self.signal(child, signal.SIGKILL)
 
     @staticmethod
     def signal(child, signum):
@@ -2897,7 +2947,7 @@ class Supervisor:
         self._stopping = self._stop_now = self._finished = False
         self._next_poll_tick = self._next_heartbeat_tick = self._next_purge_tick = 0.0
         self._data_version = None
-        self._watch_busy_until_tick = self._quiet_until_tick = self._reports_read_tick = 0.0
+        self._quiet_until_tick = 0.0     # after a failed write: sleep a poll, deaf to writes
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
         self._no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
         self._run_s_by_task = {}          # how long each task's last job ran here
@@ -2920,7 +2970,6 @@ class Supervisor:
         start than forkserver or spawn here, and safe because a child never uses the
         supervisor's SQLite connection (it never touches the file)."""
         import ctypes
-        from multiprocessing.connection import wait
         libc = ctypes.CDLL(None, use_errno=True)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -2929,21 +2978,21 @@ class Supervisor:
         log.info("supervisor %s serving %s on %s (slots %d, memory limit %s)", self.id,
                  ", ".join(sorted(self.tasks)), self.queue.path, self.slots,
                  format_bytes(self.options.memory_limit_bytes))
-        watch = _DirectoryWatch.open(self.queue.path, libc)
-        wakeup_r, wakeup_w = os.pipe()          # a signal wakes the loop at once
-        os.set_blocking(wakeup_w, False)
-        previous_wakeup = signal.set_wakeup_fd(wakeup_w)
+        sleeper = _Sleeper(self.queue.path, libc, self.options.notice_s)
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)     # give back the heap left over from compiling this module
         try:
             while not self._finished:
-                self._sleep(self._step_surviving(), wait, watch, wakeup_r)
+                wake_tick = self._step_surviving()
+                if time.monotonic() < self._quiet_until_tick:
+                    sleeper.sleep_quietly(wake_tick)
+                else:
+                    # Every slot busy: a new job could not start anyway, so writes need not
+                    # wake us (a busy queue would otherwise wake us at every commit).
+                    sleeper.sleep(wake_tick, self.pool,
+                                  watch_writes=self._busy_children() < self.slots)
         finally:
-            signal.set_wakeup_fd(previous_wakeup)
-            os.close(wakeup_r)
-            os.close(wakeup_w)
-            if watch is not None:
-                watch.close()
+            sleeper.close()
             self.abandon_children()
             self.queue.unregister_supervisor(self.id)
             for sig, handler in previous.items():
@@ -2970,46 +3019,6 @@ class Supervisor:
             self._quiet_until_tick = tick + self.poll_s
             return self._quiet_until_tick
 
-    def _sleep(self, wake_tick, wait, watch, wakeup_r):
-        """Sleep until wake_tick, a child speaks or ends, a signal arrives, or another
-        process writes the database. Where inotify is missing, look every notice_s instead."""
-        ready = [wakeup_r]
-        if time.monotonic() < self._quiet_until_tick:
-            if wait([wakeup_r], max(0.0, wake_tick - time.monotonic())):
-                self._drain_wakeup(wakeup_r)
-            return
-        # While children keep reporting, read them at most every CHANNEL_BATCH_S: each
-        # wake-up and each commit costs more than a batch of lines. An exit wakes us at once.
-        batching = time.monotonic() < self._reports_read_tick + CHANNEL_BATCH_S
-        if batching:
-            wake_tick = min(wake_tick, self._reports_read_tick + CHANNEL_BATCH_S)
-        if any(child.outbox for child in self.pool.children):
-            wake_tick = min(wake_tick, time.monotonic() + self.options.notice_s)
-        ready += self.pool.waitables(with_pipes=not batching)
-        left = max(0.0, wake_tick - time.monotonic())
-        if self._busy_children() >= self.slots:
-            # Every slot busy: a new job could not start anyway, so writes need not wake us
-            # (a busy queue would otherwise wake us at every commit); a cancel waits a poll.
-            woken = wait(ready, left)
-        elif watch is None:
-            woken = wait(ready, min(left, self.options.notice_s))
-        else:
-            # A write wakes us before its commit is visible (SQLite updates the WAL index
-            # after writing and syncing the frames), so after each write look again every
-            # 2 ms for a moment; idle, we wake only for the memory poll.
-            limit = 0.002 if time.monotonic() < self._watch_busy_until_tick else left
-            woken = wait(ready + [watch.fd], min(left, limit))
-            if watch.fd in woken:
-                watch.drain()
-                self._watch_busy_until_tick = time.monotonic() + 0.03
-        if wakeup_r in woken:
-            self._drain_wakeup(wakeup_r)
-
-    @staticmethod
-    def _drain_wakeup(wakeup_r):
-        with contextlib.suppress(BlockingIOError):
-            os.read(wakeup_r, 512)
-
     def _on_signal(self, signum, frame):
         # Only flags: the loop does the work.
         if self._stopping:
@@ -3034,7 +3043,8 @@ class Supervisor:
             tick = time.monotonic() if at is None else at
         at = now() if at is None else at
         # observe
-        self.pool.read(self._on_report)
+        for run, current in self.pool.read():
+            self._end(run, current=current, exit_code=None)
         freed = self._settle_ended_children()
         polled = tick >= self._next_poll_tick
         if polled:
@@ -3053,6 +3063,7 @@ class Supervisor:
         # act
         claimed = self._commit(at, wanted)
         self._hand_out(claimed, tick)
+        self.pool.flush_all()                   # what a full pipe held back before
         self._finish_if_done(at)
         if self.options.keep_s is not None and tick >= self._next_purge_tick:
             self._retain(at)
@@ -3061,43 +3072,6 @@ class Supervisor:
 
     # -- observe ------------------------------------------------------------------------
 
-    def _on_report(self, child, tag, rest):
-        """One line a child said (see the child section)."""
-        self._reports_read_tick = time.monotonic()
-        if tag == SAY_DROPPED:
-            dropped = set(json.loads(rest))
-            child.dropping = False
-            for run in [r for r in child.runs[1:] if r.job.id in dropped]:
-                child.runs.remove(run)
-                self._end(run, current=False, exit_code=None)
-            return
-        job_id, _, rest = rest.partition(b" ")
-        run = self._runs.get(int(job_id))
-        if run is None or run.child is not child:
-            return
-        if tag == SAY_STARTED:
-            started_tick, rss_bytes = rest.split()
-            run.started_tick, run.baseline_bytes = float(started_tick), int(rss_bytes)
-        elif tag == SAY_PROGRESS:
-            run.progress = json.loads(rest)
-        elif tag == SAY_CHECKPOINT:
-            run.checkpoint, run.saved, run.ack_owed = rest.decode(), True, True
-        elif tag in (SAY_RESULT, SAY_FAILED):
-            if tag == SAY_RESULT:
-                another, _, result = rest.partition(b" ")
-                run.reported = (DONE, result.decode())
-                child.done = another != b"1"
-            else:
-                kind, _, error = rest.partition(b" ")
-                run.reported = (Ending.FAILED, kind.decode(), json.loads(error))
-                child.done = True
-            child.runs.remove(run)
-            child.last_run_s = time.monotonic() - (run.started_tick or run.handed_tick)
-            self._run_s_by_task[run.job.task] = child.last_run_s
-            if not child.runs and not child.done:
-                child.idle_since_tick = time.monotonic()
-            self._end(run, current=True, exit_code=None)
-
     def _settle_ended_children(self):
         """Reap children that have exited (what they said before they ended was read first)
         and decide what their unfinished jobs become. Returns how many slots that freed,
@@ -3105,7 +3079,8 @@ class Supervisor:
         freed = sum(1 for run in self._runs.values()
                     if run.ending is not None and run.child is not None)
         for child in self.pool.ended():
-            self.pool.read(self._on_report)  # its last words, if they came after the read
+            for run, current in self.pool.read():   # last words, if they came after the read
+                self._end(run, current=current, exit_code=None)
             code = self.pool.reap(child)
             for index, run in enumerate(child.runs):
                 # Its job then, if it had started it (or was forked for it): a job handed
@@ -3117,6 +3092,8 @@ class Supervisor:
         return freed
 
     def _end(self, run, *, current, exit_code):
+        if run.reported is not None and run.child is not None:
+            self._run_s_by_task[run.job.task] = run.child.last_run_s
         run.ending = run_ending(run.reported, current=current, stop_reason=run.stop_reason,
                                 detail=run.detail, exit_code=exit_code, saved=run.saved)
 
@@ -3152,8 +3129,10 @@ class Supervisor:
                 if run.child is not None and not run.killed:
                     self._kill(run, STOP_SHUTDOWN, "lease lost while the supervisor stalled", at)
             self.register()
-        self.queue.recover_orphans(self.id, self._is_alive, at)
+        self.queue.recover_orphans(
+            self.id, lambda sup, at_: supervisor_alive(sup, self.host, at_), at)
         self.queue.expire(at=at)
+        self.pool.retire_idle(CHILD_IDLE_S, self.grace_s)
         self._next_heartbeat_tick = tick + SUPERVISOR_HEARTBEAT_S
 
     def _another_wrote(self):
@@ -3315,7 +3294,7 @@ class Supervisor:
             run.progress = run.checkpoint = None
             if run.ending is not None:
                 del self._runs[run.job.id]
-                self._log_ending(run, state)
+                _log_ending(run, state)
             elif state is None:                   # the file says the job is not ours now
                 run.lease_lost = True
                 if not run.killed:
@@ -3377,16 +3356,6 @@ class Supervisor:
                               and not self.queue.has_due(tasks=self.tasks, at=at)):
             self._finished = True
 
-    def _retire_idle(self, tick):
-        """Let go of children idle past CHILD_IDLE_S; kill retired ones that linger."""
-        for child in self.pool.idle():
-            if tick - child.idle_since_tick > CHILD_IDLE_S:
-                self.pool.retire(child)
-        for child in self.pool.children:
-            if child.retired and not child.runs and tick - (child.idle_since_tick or tick) > (
-                    CHILD_IDLE_S + self.grace_s):
-                self.pool.signal(child, signal.SIGKILL)
-
     def abandon_children(self):
         """Leaving run(): let idle children go, kill those still running (after an error in
         the loop) and give their jobs back, so nothing is lost."""
@@ -3399,7 +3368,8 @@ class Supervisor:
                 self.pool.retire(child)
         kill_tick = time.monotonic() + 2.0
         while self.pool.children:
-            self.pool.read(self._on_report)
+            for run, current in self.pool.read():
+                self._end(run, current=current, exit_code=None)
             self._settle_ended_children()
             if self.pool.children:
                 if time.monotonic() > kill_tick:       # a SIGTERM'd idle child did not go
@@ -3410,26 +3380,78 @@ class Supervisor:
         with contextlib.suppress(Error):
             self._commit(now())
 
-    def _log_ending(self, run, state):
-        job, ending = run.job, run.ending
-        if state is None:
-            log.warning("job %d %s: its lease was lost; another owner has it", job.id, job.task)
-        elif state == DONE:
-            log.info("job %d %s done in %.3fs", job.id, job.task,
-                     time.monotonic() - (run.started_tick or run.handed_tick))
-        elif ending.state == ENDING_FAILED:
-            log.warning("job %d %s failed (attempt %d/%d), now %s: %s", job.id, job.task,
-                        job.attempts, job.max_attempts, state, _last_line(ending.reason))
-        else:
-            log.info("job %d %s %s: %s", job.id, job.task, state, ending.reason)
 
-    def _is_alive(self, sup, at):
-        """On this host (same boot, same pid namespace) a supervisor is alive while its
-        process is, however long it stalls (SIGSTOP, swapping): its children may still run.
-        A supervisor elsewhere is alive while its lease (heartbeat) is fresh."""
-        if sup["host"] == self.host:
-            return _same_process_alive(sup)
-        return sup["heartbeat_at"] > at - LEASE_S
+def _log_ending(run, state):
+    """One line in the log for each run whose ending was committed."""
+    job, ending = run.job, run.ending
+    if state is None:
+        log.warning("job %d %s: its lease was lost; another owner has it", job.id, job.task)
+    elif state == DONE:
+        log.info("job %d %s done in %.3fs", job.id, job.task,
+                 time.monotonic() - (run.started_tick or run.handed_tick))
+    elif ending.state == ENDING_FAILED:
+        log.warning("job %d %s failed (attempt %d/%d), now %s: %s", job.id, job.task,
+                    job.attempts, job.max_attempts, state, _last_line(ending.reason))
+    else:
+        log.info("job %d %s %s: %s", job.id, job.task, state, ending.reason)
+
+
+class _Sleeper:
+    """How the supervisor's loop waits: until its next deadline, a child's exit or words, a
+    signal (through a wake-up pipe), or another process's write to the database (inotify on
+    its directory; where that is missing, a look every notice_s)."""
+
+    def __init__(self, path, libc, notice_s):
+        from multiprocessing.connection import wait
+        self.wait, self.notice_s = wait, notice_s
+        self.watch = _DirectoryWatch.open(path, libc)
+        self.watch_busy_until_tick = 0.0
+        self.wakeup_r, wakeup_w = os.pipe()          # a signal wakes the loop at once
+        os.set_blocking(wakeup_w, False)
+        self.wakeup_w = wakeup_w
+        self.previous_wakeup = signal.set_wakeup_fd(wakeup_w)
+
+    def sleep(self, wake_tick, pool, *, watch_writes):
+        # While children keep reporting, read them at most every CHANNEL_BATCH_S: each
+        # wake-up and each commit costs more than a batch of lines. An exit wakes us at once.
+        batching = time.monotonic() < pool.read_tick + CHANNEL_BATCH_S
+        if batching:
+            wake_tick = min(wake_tick, pool.read_tick + CHANNEL_BATCH_S)
+        if any(child.outbox for child in pool.children):       # a pipe was full: try again
+            wake_tick = min(wake_tick, time.monotonic() + self.notice_s)
+        left = max(0.0, wake_tick - time.monotonic())
+        ready = [self.wakeup_r, *pool.waitables(with_pipes=not batching)]
+        if not watch_writes:
+            woken = self.wait(ready, left)
+        elif self.watch is None:
+            woken = self.wait(ready, min(left, self.notice_s))
+        else:
+            # A write wakes us before its commit is visible (SQLite updates the WAL index
+            # after writing and syncing the frames), so after each write look again every
+            # 2 ms for a moment; idle, we wake only for the memory poll.
+            limit = 0.002 if time.monotonic() < self.watch_busy_until_tick else left
+            woken = self.wait(ready + [self.watch.fd], min(left, limit))
+            if self.watch.fd in woken:
+                self.watch.drain()
+                self.watch_busy_until_tick = time.monotonic() + 0.03
+        if self.wakeup_r in woken:
+            self._drain_wakeup()
+
+    def sleep_quietly(self, wake_tick):
+        """Until wake_tick or a signal only (our own failed writes would wake the watch)."""
+        if self.wait([self.wakeup_r], max(0.0, wake_tick - time.monotonic())):
+            self._drain_wakeup()
+
+    def _drain_wakeup(self):
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wakeup_r, 512)
+
+    def close(self):
+        signal.set_wakeup_fd(self.previous_wakeup)
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        if self.watch is not None:
+            self.watch.close()
 
 
 class _DirectoryWatch:
@@ -3484,6 +3506,15 @@ def _has_exited(pid):
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:
         return True
+
+
+def supervisor_alive(sup, host, at):
+    """On this host (same boot, same pid namespace) a supervisor is alive while its
+    process is, however long it stalls (SIGSTOP, swapping): its children may still run.
+    A supervisor elsewhere is alive while its lease (heartbeat) is fresh."""
+    if sup["host"] == host:
+        return _same_process_alive(sup)
+    return sup["heartbeat_at"] > at - LEASE_S
 
 
 def _same_process_alive(sup):
