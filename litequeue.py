@@ -20,7 +20,7 @@ running work, and resumes it when pressure falls. No server, no Redis, no networ
     summarize.enqueue(doc_id=7)
     Supervisor(queue, slots=2, memory_budget="1G").run()
 
-How the pieces talk (nothing but the file is shared):
+How the pieces talk:
 
     producers (app, cron: `litequeue.py enqueue`)
             |  INSERT ... (BEGIN IMMEDIATE)
@@ -28,11 +28,13 @@ How the pieces talk (nothing but the file is shared):
     +---------------- jobs.db (SQLite, WAL) -----------------+
     | jobs  events  tasks  breakers  supervisors  meta       |
     +--------------------------------------------------------+
-            ^  claim / requeue / kill decisions      ^  result, checkpoint, failure
-            |                                        |  (the child's own connection)
-    Supervisor --fork--> child (rlimits) --runs--> task(ctx, **payload)
+            ^  one transaction per turn of its loop: what every child reported, the
+            |  endings and decisions, the next claims (the only writer of its jobs)
+    Supervisor --fork / pipe: job, ack--> child (rlimits) --runs--> task(ctx, **payload)
+               <--pipe: started, progress, checkpoint, result, error--
        polls memory pressure and each child's RSS; SIGUSR1 asks a child to stop at its
        next ctx.save(); SIGKILL after the grace period; children die with the supervisor.
+       A child never opens the database.
 """
 
 if __name__ == "__main__":
@@ -1892,12 +1894,13 @@ class LevelTracker:
 class RunningView:
     """What the memory decisions need to know of a running job."""
 
-    __slots__ = ("job_id", "priority", "rss_bytes", "started_at", "stop_reason", "preemptions")
+    __slots__ = ("job_id", "priority", "rss_bytes", "started_tick", "stop_reason", "preemptions")
 
-    def __init__(self, job_id, priority, rss_bytes=0, started_at=0.0, stop_reason=None,
+    def __init__(self, job_id, priority, rss_bytes=0, started_tick=0.0, stop_reason=None,
                  preemptions=0):
         self.job_id, self.priority, self.rss_bytes = job_id, priority, rss_bytes or 0
-        self.started_at, self.stop_reason, self.preemptions = started_at, stop_reason, preemptions
+        self.started_tick, self.stop_reason = started_tick, stop_reason
+        self.preemptions = preemptions
 
 
 class MemoryPlan:
@@ -1934,7 +1937,7 @@ def plan_memory(level, running):
         candidates = [r for r in running if r.priority >= NORMAL and r.stop_reason is None]
         if candidates:
             victim = min(candidates, key=lambda r: (-r.priority, -r.rss_bytes, r.preemptions,
-                                                    -r.started_at))
+                                                    -r.started_tick))
             plan.preempt = victim.job_id
     return plan
 

@@ -24,8 +24,8 @@ CRITICAL, HIGH, NORMAL, LOW = 0, 1, 2, 3
 # plan_memory: what each level decides, given the running jobs (pure)
 # ======================================================================================
 
-def view(job_id, priority, rss_mib=10, stop_reason=None, preemptions=0, started_at=0.0):
-    return RunningView(job_id, priority, rss_mib * MiB, started_at, stop_reason, preemptions)
+def view(job_id, priority, rss_mib=10, stop_reason=None, preemptions=0, started_tick=0.0):
+    return RunningView(job_id, priority, rss_mib * MiB, started_tick, stop_reason, preemptions)
 
 
 @pytest.mark.parametrize("level, start, shed", [

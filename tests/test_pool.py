@@ -516,12 +516,12 @@ def test_a_level_change_reaches_pooled_children_in_the_same_poll(queue):
     try:
         t0 = time.monotonic()
         sup.step(tick=t0)
-        time.sleep(0.1)
+        step_until(sup, lambda: sup._live_runs() and sup._live_runs()[0].started_tick)
         probe.pressure = 90.0
         sup.step(tick=t0 + 0.25)                   # a poll: level -> preempt
         assert sup.tracker.level == "preempt"
-        time.sleep(0.6)                            # the high job ends meanwhile
-        step_for(sup, 0.5)
+        step_until(sup, lambda: not sup._live_runs())          # the high job ended
+        step_for(sup, 0.5)                         # and nothing else starts meanwhile
         job = queue.get(plain_id)
         assert (job.state, job.attempts) == ("queued", 0)
     finally:
