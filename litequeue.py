@@ -1496,31 +1496,24 @@ class Queue(_Leases):
 
     def jobs(self, state=None, task=None, limit=100):
         """Jobs, newest first, filtered by state and/or task."""
-        clauses, params = [], []
-        if state is not None:
-            if state not in STATES:
-                raise BadInput(f"unknown state {state!r}: use one of {', '.join(STATES)}")
-            clauses.append("state = ?")
-            params.append(state)
-        if task is not None:
-            clauses.append("task = ?")
-            params.append(task)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        if state is not None and state not in STATES:
+            raise BadInput(f"unknown state {state!r}: use one of {', '.join(STATES)}")
+        where, params = self._where(state=state, task=task)
         params.append(-1 if limit is None else parse_positive_int(limit, "limit"))
         return [Job(r) for r in self._read(
             f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", params)]
 
     def events(self, job_id=None, kind=None, limit=1000):
         """Recorded events, oldest first."""
-        clauses, params = [], []
-        if job_id is not None:
-            clauses.append("job_id = ?")
-            params.append(job_id)
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = self._where(job_id=job_id, kind=kind)
         return self._read(f"SELECT * FROM events {where} ORDER BY id LIMIT ?", params + [limit])
+
+    @staticmethod
+    def _where(**columns):
+        """A WHERE clause matching the columns given (None: any value), and its parameters."""
+        given = {name: value for name, value in columns.items() if value is not None}
+        clause = " AND ".join(f"{name} = ?" for name in given)
+        return (f"WHERE {clause}" if given else ""), list(given.values())
 
     def stats(self):
         """{"jobs": counts by state, "priorities": {priority: {state: n}}}."""
