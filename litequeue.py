@@ -2505,6 +2505,18 @@ class SupervisorOptions:
     def level_tracker(self):
         return LevelTracker(self.thresholds, self.margin, self.hold_s)
 
+    def memory_probe(self, probe=None):
+        """The probe to read pressure with (a new MemoryProbe, or the one given), measuring
+        against the budget: a probe passed in does not silently ignore --memory-budget."""
+        probe = probe or MemoryProbe()
+        budget = self.memory_budget_bytes
+        if budget is not None:
+            if getattr(probe, "budget_bytes", None) not in (None, budget):
+                raise BadInput(f"--memory-budget {format_bytes(budget)} and the probe's budget "
+                               f"{format_bytes(probe.budget_bytes)} disagree")
+            probe.budget_bytes = budget
+        return probe
+
 
 def supervisor_options(**options):
     """SupervisorOptions from keyword arguments (kept for callers of the first version)."""
@@ -2923,13 +2935,7 @@ class Supervisor:
         self.queue = queue
         self.options = options if options is not None else SupervisorOptions(**option_values)
         self.tracker = self.options.level_tracker()
-        self.probe = probe or MemoryProbe()
-        budget = self.options.memory_budget_bytes
-        if budget is not None:
-            if self.probe.budget_bytes not in (None, budget):
-                raise BadInput(f"--memory-budget {format_bytes(budget)} and the probe's budget "
-                               f"{format_bytes(self.probe.budget_bytes)} disagree")
-            self.probe.budget_bytes = budget
+        self.probe = self.options.memory_probe(probe)
         self.tasks = dict(tasks if tasks is not None else queue.registry)
         self.tasks.setdefault("heartbeat", builtin_tasks(queue)["heartbeat"])
         self.id = f"{os.uname().nodename}:{os.getpid()}:{random.randrange(1 << 32):08x}"

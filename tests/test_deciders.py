@@ -277,3 +277,28 @@ def test_a_cancelled_job_whose_task_then_raises_is_not_a_breaker_failure(queue, 
     assert [queue.get(i).state for i in ids] == ["cancelled"] * 3
     assert {b["task"]: b["state"] for b in litequeue.list_breakers(queue)}.get(
         "raises_when_asked", "closed") == "closed"
+
+
+# --------------------------------------------------------------------------------------
+# Options: built once, used as built
+# --------------------------------------------------------------------------------------
+
+def test_a_probe_passed_in_measures_against_the_budget(queue):
+    probe = litequeue.MemoryProbe()
+    sup = litequeue.Supervisor(queue, memory_budget="64M", probe=probe)
+    assert sup.probe is probe and probe.budget_bytes == 64 * MiB
+    with pytest.raises(litequeue.BadInput, match="disagree"):
+        litequeue.Supervisor(queue, memory_budget="64M",
+                             probe=litequeue.MemoryProbe(budget_bytes=128 * MiB))
+
+
+def test_options_are_checked_once_and_errors_name_the_flags(queue):
+    options = litequeue.SupervisorOptions(slots=3, memory_limit="200M", poll="0.1", grace="5s")
+    sup = litequeue.Supervisor(queue, options)
+    assert sup.options is options
+    assert (sup.slots, sup.poll_s, sup.grace_s) == (3, 0.1, 5.0)
+    assert options.memory_limit_bytes == 200 * MiB
+    with pytest.raises(litequeue.BadInput, match="--memory-limit"):
+        litequeue.SupervisorOptions(memory_limit="lots")
+    with pytest.raises(litequeue.BadInput, match="not both"):
+        litequeue.Supervisor(queue, options, slots=2)
