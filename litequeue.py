@@ -2471,10 +2471,11 @@ STOP_PREEMPT, STOP_EMERGENCY, STOP_SHUTDOWN, STOP_CANCEL = (
 STOP_TIMEOUT, STOP_MEMORY, STOP_START = "timeout", "memory", "start"
 STOPPING_FOR_MEMORY = (STOP_PREEMPT, STOP_EMERGENCY)
 FAILING_STOPS = (STOP_TIMEOUT, STOP_MEMORY, STOP_START)      # the job's own fault: a failure
-# A pooled child whose last job ran under AHEAD_RUN_S is handed up to AHEAD_JOBS more jobs
-# ahead of time, so it goes from one to the next without waiting for the supervisor's
-# commit; a child with longer jobs gets one at a time (nothing waits behind a long job).
-AHEAD_JOBS, AHEAD_RUN_S = 4, 0.05
+# A pooled child whose jobs are short is handed its next jobs ahead of time, so it goes from
+# one to the next without waiting for the supervisor's commit: as many as its last job's
+# run time says fit in AHEAD_WORK_S, at most AHEAD_JOBS. Only jobs of tasks whose last job
+# here ran under AHEAD_WORK_S are handed ahead, so nothing waits long behind another job.
+AHEAD_JOBS, AHEAD_WORK_S = 16, 0.02
 
 
 class SupervisorOptions:
@@ -2650,10 +2651,12 @@ def run_ending(reported, *, current, stop_reason, detail, exit_code, saved):
 
 
 def ahead_wanted(last_run_s, handed_ahead, capacity_left):
-    """How many more jobs to hand a busy pooled child ahead of time."""
-    if last_run_s is None or last_run_s >= AHEAD_RUN_S:
+    """How many more jobs to hand a pooled child ahead of time: what fits in AHEAD_WORK_S at
+    the pace of its last job, at most AHEAD_JOBS, never past its --jobs-per-child."""
+    if last_run_s is None or last_run_s >= AHEAD_WORK_S:
         return 0
-    return max(0, min(AHEAD_JOBS, capacity_left) - handed_ahead)
+    fits = int(AHEAD_WORK_S / max(last_run_s, AHEAD_WORK_S / AHEAD_JOBS))
+    return max(0, min(fits, capacity_left) - handed_ahead)
 
 
 # -- the mechanism: children, their pipes, and what they say ---------------------------
@@ -2972,6 +2975,7 @@ class Supervisor:
         start than forkserver or spawn here, and safe because a child never uses the
         supervisor's SQLite connection (it never touches the file)."""
         import ctypes
+        import resource, traceback    # noqa: F401 (imported once here, not in every child)
         libc = ctypes.CDLL(None, use_errno=True)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -3334,7 +3338,7 @@ class Supervisor:
             want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
                                 self.options.jobs_per_child - child.handed)
             while runs and want > 0 and self._run_s_by_task.get(
-                    runs[0].job.task, AHEAD_RUN_S) < AHEAD_RUN_S:
+                    runs[0].job.task, AHEAD_WORK_S) < AHEAD_WORK_S:
                 self.pool.hand(child, runs.pop(0))
                 want -= 1
         self._held = runs

@@ -177,12 +177,16 @@ def test_claimable_priorities(level, stopping, expected):
 
 @pytest.mark.parametrize("last_run_s, handed_ahead, capacity_left, expected", [
     (None, 0, 100, 0),                          # nothing known of its jobs yet
-    (0.001, 0, 100, litequeue.AHEAD_JOBS),      # short jobs: the next few ahead
-    (0.001, 3, 100, litequeue.AHEAD_JOBS - 3),
-    (0.001, litequeue.AHEAD_JOBS, 100, 0),
-    (0.001, 0, 2, 2),                           # never past --jobs-per-child
-    (0.001, 0, 0, 0),
-    (litequeue.AHEAD_RUN_S, 0, 100, 0),         # long jobs: one at a time
+    (0.00001, 0, 100, litequeue.AHEAD_JOBS),    # no-op jobs: as many as allowed
+    (0.00001, 3, 100, litequeue.AHEAD_JOBS - 3),
+    (0.00001, litequeue.AHEAD_JOBS, 100, 0),
+    (0.005, 0, 100, 4),                         # 5 ms jobs: 20 ms of work ahead
+    (0.005, 1, 100, 3),
+    (0.0099, 0, 100, 2),
+    (0.00001, 0, 2, 2),                         # never past --jobs-per-child
+    (0.00001, 0, 0, 0),
+    (litequeue.AHEAD_WORK_S, 0, 100, 0),        # long jobs: one at a time
+    (0.5, 0, 100, 0),
 ])
 def test_ahead_wanted(last_run_s, handed_ahead, capacity_left, expected):
     assert ahead_wanted(last_run_s, handed_ahead, capacity_left) == expected
