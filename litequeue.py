@@ -125,6 +125,7 @@ DEFAULT_MEMORY_LIMIT_BYTES = 400 * MiB
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
 MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
+MAX_ERROR_CHARS = 64 * 1024      # a job's error text: its start and its end beyond this
 MAX_NAME_CHARS = 200             # task names and unique keys
 LEASE_S = 30.0                   # a supervisor of another host silent this long is gone
 CHILD_START_DEADLINE_S = 10.0   # a child not running its task by then is stuck
@@ -2249,7 +2250,9 @@ class _ParentLink:
     Jobs handed over ahead of time wait here until the child is free for them."""
 
     def __init__(self, to_parent, from_parent):
+        import _thread
         self.to_parent, self.from_parent = to_parent, from_parent
+        self.saying = _thread.allocate_lock()   # a task's threads may save and report at once
         self.pending = b""           # read, not yet a whole line
         self.handed = []             # jobs handed over, not started: (Job, memory limit)
         self.acked = set()           # job ids whose last checkpoint is committed
@@ -2257,9 +2260,10 @@ class _ParentLink:
     def say(self, tag, *fields):
         line = b" ".join([tag, *(f if isinstance(f, bytes) else str(f).encode()
                                  for f in fields)]) + b"\n"
-        view = memoryview(line)
-        while view:                   # a 1 MiB result does not fit a pipe in one write
-            view = view[os.write(self.to_parent, view):]
+        with self.saying:
+            view = memoryview(line)
+            while view:                   # a 1 MiB result does not fit a pipe in one write
+                view = view[os.write(self.to_parent, view):]
 
     def _read_line(self):
         """The next line from the supervisor, blocking; None at end of file."""
@@ -2293,7 +2297,10 @@ class _ParentLink:
 
     def next_job(self, signals):
         """The next job handed over: (Job, memory limit), waiting for one if need be; (None,
-        None) when the supervisor lets this child go. A stop asked meanwhile ends it."""
+        None) when the supervisor lets this child go. A stop asked meanwhile ends it.
+        Whatever is in the pipe already is read first, so an X sent after the jobs it
+        drops is seen before the next of them starts."""
+        self._read_waiting()
         while not self.handed:
             signals.idle = True
             if signals.asked:
@@ -2303,7 +2310,22 @@ class _ParentLink:
             if line is None:
                 return None, None
             self._take(line)
+            self._read_waiting()
+        if signals.asked:
+            raise StopRequested()
         return self.handed.pop(0)
+
+    def _read_waiting(self):
+        """Take every whole line the supervisor has written, without waiting for more."""
+        import select
+        while select.select([self.from_parent], [], [], 0)[0]:
+            chunk = os.read(self.from_parent, 1 << 16)
+            if not chunk:
+                return
+            self.pending += chunk
+        while b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            self._take(line)
 
 
 class _PipeReporter:
@@ -2363,9 +2385,10 @@ def _run_job(job, spec, link, signals, memory_limit_bytes):
     kind = FAILED_ERROR
     try:
         result = _call_task(spec.tasks[job.task].fn, ctx, job.payload)
-        return True, dumps_json(result, "result")
-    except BadPayload as exc:
-        error = f"task returned a result that is not JSON: {exc}"
+        try:
+            return True, dumps_json(result, "result")
+        except BadPayload as exc:
+            error = f"task returned a result that is not JSON: {exc}"
     except Permanent as exc:
         kind, error = FAILED_PERMANENT, f"permanent failure: {exc}"
     except MemoryError:
@@ -2375,8 +2398,17 @@ def _run_job(job, spec, link, signals, memory_limit_bytes):
         error = traceback.format_exc()
     finally:
         signals.ctx = None
-    link.say(SAY_FAILED, job.id, kind, json.dumps(error.rstrip()).encode())
+    link.say(SAY_FAILED, job.id, kind, json.dumps(_clipped(error.rstrip())).encode())
     return False, None
+
+
+def _clipped(error, limit=MAX_ERROR_CHARS):
+    """An error's text at most `limit` characters: its start and its end (a traceback's
+    last lines say what went wrong)."""
+    if len(error) <= limit:
+        return error
+    head = limit // 8
+    return f"{error[:head]}\n... ({len(error) - limit} characters left out) ...\n{error[-(limit - head):]}"
 
 
 def _fit_for_another(forked_bytes):
@@ -2468,9 +2500,9 @@ def builtin_tasks(queue, demos=False):
 # Why a run is stopped, as the supervisor decides it and the job's events record it.
 STOP_PREEMPT, STOP_EMERGENCY, STOP_SHUTDOWN, STOP_CANCEL = (
     "preempt", "emergency", "shutdown", "cancel")
-STOP_TIMEOUT, STOP_MEMORY, STOP_START = "timeout", "memory", "start"
+STOP_TIMEOUT, STOP_MEMORY, STOP_START, STOP_BROKEN = "timeout", "memory", "start", "broken"
 STOPPING_FOR_MEMORY = (STOP_PREEMPT, STOP_EMERGENCY)
-FAILING_STOPS = (STOP_TIMEOUT, STOP_MEMORY, STOP_START)      # the job's own fault: a failure
+FAILING_STOPS = (STOP_TIMEOUT, STOP_MEMORY, STOP_START, STOP_BROKEN)   # the job's own fault
 # A pooled child whose jobs are short is handed its next jobs ahead of time, so it goes from
 # one to the next without waiting for the supervisor's commit: as many as its last job's
 # run time says fit in AHEAD_WORK_S, at most AHEAD_JOBS. Only jobs of tasks whose last job
@@ -2617,12 +2649,13 @@ class Ending:
             getattr(self, name) == getattr(other, name) for name in self.__slots__)
 
 
-def run_ending(reported, *, current, stop_reason, detail, exit_code, saved):
+def run_ending(reported, *, current, stop_reason, detail, exit_code, saved, started=True):
     """What a run that ended becomes. Pure.
 
     reported: what its child said of it: ("done", result JSON), ("failed", kind, error) or
     None. current: it was its child's job when the child ended (not one handed over ahead
-    and never started). saved: it saved a checkpoint in this run (not an earlier one)."""
+    and never started). saved: it saved a checkpoint in this run (not an earlier one).
+    started: its task began (a memory stop before that costs no attempt)."""
     if reported is not None and reported[0] == DONE:
         return Ending(DONE, result=reported[1])          # it returned: done, whatever was asked
     if stop_reason == STOP_CANCEL:
@@ -2638,7 +2671,7 @@ def run_ending(reported, *, current, stop_reason, detail, exit_code, saved):
         # child before our own stop request): a shutdown, not a failure of the job.
         stop_reason, detail = STOP_SHUTDOWN, "stopped by SIGTERM from outside"
     if stop_reason in (*STOPPING_FOR_MEMORY, STOP_SHUTDOWN):
-        charge = stop_reason in STOPPING_FOR_MEMORY and not saved
+        charge = stop_reason in STOPPING_FOR_MEMORY and started and not saved
         why = detail if not charge else (
             f"memory pressure: {detail}, stopped before saving a checkpoint")
         return Ending(ENDING_REQUEUED, why, charge=charge,
@@ -2667,7 +2700,7 @@ class _Run:
     __slots__ = ("job", "child", "memory_limit_bytes", "handed_tick", "started_tick",
                  "baseline_bytes", "stop_reason", "detail", "kill_at_tick", "killed",
                  "rss_bytes", "saved", "checkpoint", "ack_owed", "progress", "reported",
-                 "ending", "lease_lost", "forked")
+                 "ending", "lease_lost", "forked", "cancel_asked")
 
     def __init__(self, job, child, memory_limit_bytes, handed_tick, baseline_bytes=0):
         self.job, self.child, self.memory_limit_bytes = job, child, memory_limit_bytes
@@ -2689,6 +2722,7 @@ class _Run:
         self.ending = None          # decided: an Ending to commit
         self.lease_lost = False     # the file says another owner has it now
         self.forked = False         # its child was forked for it (not handed it later)
+        self.cancel_asked = False   # someone asked to cancel it: stopped once it is current
 
     def facts(self, tick):
         started_tick = self.started_tick if self.started_tick is not None else self.handed_tick
@@ -2735,6 +2769,18 @@ class _Child:
         return self.runs[0] if self.runs else None
 
 
+def _pass_on_stop(finished, following):
+    """A child asked to stop (or killed) for `finished` had gone on to `following` when we
+    learned that it finished: the stop reaches `following` too. A stop for memory pressure
+    or a shutdown stays what it was; a stop for the finished job's own fault (its memory,
+    its timeout, its cancel) is not the following job's: a shutdown for it."""
+    keeps = finished.stop_reason in (*STOPPING_FOR_MEMORY, STOP_SHUTDOWN)
+    following.stop_reason = finished.stop_reason if keeps else STOP_SHUTDOWN
+    following.detail = (f"its child was stopped for job {finished.job.id}"
+                        f" ({finished.detail or finished.stop_reason})")
+    following.killed, following.kill_at_tick = finished.killed, finished.kill_at_tick
+
+
 class ChildPool:
     """The mechanism: fork children, hand them jobs, read what they say, acknowledge, reap,
     retire and kill. It decides nothing: the Supervisor tells it what to do."""
@@ -2766,6 +2812,7 @@ class ChildPool:
             os.setpgid(process.pid, process.pid)
         child = _Child(process, from_child, to_child)
         child.handed, child.runs, run.child, run.forked = 1, [run], child, True
+        run.handed_tick = time.monotonic()
         self.children.append(child)
         return child
 
@@ -2776,7 +2823,7 @@ class ChildPool:
         child.runs.append(run)
         child.handed += 1
         child.idle_since_tick = None
-        run.child = child
+        run.child, run.handed_tick = child, time.monotonic()
 
     def ack(self, run):
         self._tell(run.child, TELL_ACK + b" " + str(run.job.id).encode())
@@ -2816,8 +2863,24 @@ class ChildPool:
                 self.read_tick = time.monotonic()
                 *lines, child.partial = (child.partial + data).split(b"\n")
                 for line in lines:
-                    ended += self._apply(child, line)
+                    try:
+                        ended += self._apply(child, line)
+                    except (ValueError, TypeError, KeyError, IndexError) as exc:
+                        self._unreadable(child, line, exc)
+                        break
         return ended
+
+    def _unreadable(self, child, line, exc):
+        """A line that is not the protocol (a task wrote to the pipe it inherited): the
+        child cannot be trusted to report; it is killed, and its job fails saying why."""
+        log.error("child %d said something unreadable (%s: %.80r); killing it",
+                  child.pid, type(exc).__name__, line)
+        run = child.current
+        if run is not None and not run.killed:
+            run.stop_reason, run.kill_at_tick, run.killed = STOP_BROKEN, None, True
+            run.detail = f"its child's report could not be read ({type(exc).__name__}: {exc})"
+        child.eof = True
+        self.signal(child, signal.SIGKILL)
 
     @staticmethod
     def _apply(child, line):
@@ -2853,6 +2916,11 @@ class ChildPool:
         child.last_run_s = tick - (run.started_tick or run.handed_tick)
         if not child.runs and not child.done:
             child.idle_since_tick = tick
+        if child.runs:
+            following = child.runs[0]
+            following.handed_tick = tick          # its start deadline counts from now
+            if run.stop_reason is not None or run.killed:
+                _pass_on_stop(run, following)
         return [(run, True)]
 
     @staticmethod
@@ -2975,7 +3043,8 @@ class Supervisor:
         start than forkserver or spawn here, and safe because a child never uses the
         supervisor's SQLite connection (it never touches the file)."""
         import ctypes
-        import resource, traceback    # noqa: F401 (imported once here, not in every child)
+        for name in ("resource", "traceback"):   # imported once here, not in every child
+            __import__(name)
         libc = ctypes.CDLL(None, use_errno=True)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -3019,6 +3088,10 @@ class Supervisor:
             tick = time.monotonic()
             if self._stopping:                 # stopping needs signals, not the file
                 self._shut_down(tick)
+            if self._stop_now:
+                # A second signal: leave now. What could not be written stays as the file
+                # has it: running under our lease, which the next supervisor recovers.
+                self._finished = True
             self._enforce_limits(tick)
             # Our own failed writes touch the directory, so the watch would wake us at once:
             # sleep the poll out, woken only by a signal.
@@ -3060,6 +3133,7 @@ class Supervisor:
         written = self._another_wrote()
         # decide
         self._enforce_limits(tick)
+        self._ask_pending_cancels(tick)
         if written and (polled or self._busy_children() < self.slots):
             self._unchecked_write = False          # (a write seen now is checked next poll)
             self._apply_cancels(tick)
@@ -3101,7 +3175,8 @@ class Supervisor:
         if run.reported is not None and run.child is not None:
             self._run_s_by_task[run.job.task] = run.child.last_run_s
         run.ending = run_ending(run.reported, current=current, stop_reason=run.stop_reason,
-                                detail=run.detail, exit_code=exit_code, saved=run.saved)
+                                detail=run.detail, exit_code=exit_code, saved=run.saved,
+                                started=run.started_tick is not None)
 
     def _poll_memory(self, at, tick):
         reading = self.probe.read([child.pid for child in self.pool.children])
@@ -3134,6 +3209,7 @@ class Supervisor:
                 run.lease_lost = True
                 if run.child is not None and not run.killed:
                     self._kill(run, STOP_SHUTDOWN, "lease lost while the supervisor stalled", at)
+            self._give_back_held()                   # (the file says they are not ours now)
             self.register()
         self.queue.recover_orphans(
             self.id, lambda sup, at_: supervisor_alive(sup, self.host, at_), at)
@@ -3202,17 +3278,24 @@ class Supervisor:
                 self.pool.signal(run.child, signal.SIGTERM)
 
     def _apply_cancels(self, tick):
+        """Runs someone asked to cancel: held here, it goes back (and ends cancelled); handed
+        ahead, its child is asked to drop it; running, asked to stop (see _ask_pending)."""
         if not self._runs:
             return
         for job_id in self.queue.cancel_requested(list(self._runs)):
             run = self._runs[job_id]
-            if run.stop_reason == STOP_CANCEL or run.ending is not None or run.child is None:
-                continue
-            if run is run.child.current:
+            run.cancel_asked = True
+            if run in self._held:
+                self._held.remove(run)
+                run.ending = Ending(ENDING_REQUEUED, "cancel requested")
+            elif run.child is not None and run is not run.child.current:
+                self.pool.drop_ahead(run.child)   # if it starts it first: stopped when current
+        self._ask_pending_cancels(tick)
+
+    def _ask_pending_cancels(self, tick):
+        for run in self._live_runs():
+            if run.cancel_asked and run.stop_reason != STOP_CANCEL and not run.killed:
                 self._ask_stop(run, STOP_CANCEL, "cancel requested", tick, now())
-            else:                                 # handed ahead: take it back unstarted
-                run.stop_reason, run.detail = STOP_CANCEL, "cancel requested"
-                self.pool.drop_ahead(run.child)
 
     def _shut_down(self, tick):
         """First signal: ask every job to stop at its next checkpoint, kill after the grace

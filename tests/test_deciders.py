@@ -85,9 +85,9 @@ PERMANENT = ("failed", FAILED_PERMANENT, "permanent failure: bad input")
 
 
 def ending(reported=None, *, current=True, stop_reason=None, detail=None, exit_code=0,
-           saved=False):
+           saved=False, started=True):
     return run_ending(reported, current=current, stop_reason=stop_reason, detail=detail,
-                      exit_code=exit_code, saved=saved)
+                      exit_code=exit_code, saved=saved, started=started)
 
 
 def requeued(reason, *, charge=False, preempted=False):
@@ -306,3 +306,76 @@ def test_options_are_checked_once_and_errors_name_the_flags(queue):
         litequeue.SupervisorOptions(memory_limit="lots")
     with pytest.raises(litequeue.BadInput, match="not both"):
         litequeue.Supervisor(queue, options, slots=2)
+
+
+def test_a_memory_stop_before_the_task_began_costs_no_attempt():
+    assert ending(stop_reason=STOP_EMERGENCY, detail="emergency", exit_code=-9,
+                  started=False) == requeued("emergency", preempted=True)
+
+
+@pytest.mark.parametrize("reason, inherited", [
+    (STOP_PREEMPT, STOP_PREEMPT),
+    (STOP_EMERGENCY, STOP_EMERGENCY),
+    (STOP_SHUTDOWN, STOP_SHUTDOWN),
+    (STOP_MEMORY, STOP_SHUTDOWN),         # the finished job's own fault is not the next one's
+    (STOP_TIMEOUT, STOP_SHUTDOWN),
+    (STOP_CANCEL, STOP_SHUTDOWN),
+])
+def test_a_stop_for_a_finished_job_reaches_the_job_its_child_went_on_to(reason, inherited):
+    job = lambda job_id: litequeue.Job({"id": job_id, "task": "t", "priority": 2})  # noqa: E731
+    finished = litequeue._Run(job(1), None, 100 * MiB, 0.0)
+    following = litequeue._Run(job(2), None, 100 * MiB, 0.0)
+    finished.stop_reason, finished.detail, finished.killed = reason, "why", True
+    litequeue._pass_on_stop(finished, following)
+    assert (following.stop_reason, following.killed) == (inherited, True)
+    assert following.detail == "its child was stopped for job 1 (why)"
+
+
+# --------------------------------------------------------------------------------------
+# The child's end of the pipe protocol, over real pipes
+# --------------------------------------------------------------------------------------
+
+def handover(job_id):
+    fields = litequeue.Job({"id": job_id, "task": "echo", "priority": 2}).to_fields()
+    return b"J " + litequeue.json.dumps({"job": fields, "memory_limit_bytes": MiB}).encode()
+
+
+def test_a_drop_sent_after_jobs_handed_ahead_is_seen_before_they_start():
+    to_parent_r, to_parent_w = os.pipe()
+    from_parent_r, from_parent_w = os.pipe()
+    try:
+        link = litequeue._ParentLink(to_parent_w, from_parent_r)
+        os.write(from_parent_w, handover(1) + b"\n")
+        job, _ = link.next_job(litequeue._ChildSignals())      # job 1 starts
+        assert job.id == 1
+        os.write(from_parent_w, handover(2) + b"\n" + handover(3) + b"\nX\n" + handover(4)
+                 + b"\n")
+        job, limit = link.next_job(litequeue._ChildSignals())
+        assert (job.id, limit) == (4, MiB)                     # 2 and 3 were dropped unstarted
+        assert os.read(to_parent_r, 100) == b"D [2, 3]\n"
+    finally:
+        for fd in (to_parent_r, to_parent_w, from_parent_r, from_parent_w):
+            os.close(fd)
+
+
+def test_a_stop_asked_while_jobs_wait_ahead_starts_none_of_them():
+    to_parent_r, to_parent_w = os.pipe()
+    from_parent_r, from_parent_w = os.pipe()
+    try:
+        link = litequeue._ParentLink(to_parent_w, from_parent_r)
+        os.write(from_parent_w, handover(5) + b"\n")
+        signals = litequeue._ChildSignals()
+        signals.asked = True
+        with pytest.raises(litequeue.StopRequested):
+            link.next_job(signals)
+    finally:
+        for fd in (to_parent_r, to_parent_w, from_parent_r, from_parent_w):
+            os.close(fd)
+
+
+def test_an_error_text_is_clipped_keeping_its_start_and_its_end():
+    text = "Traceback (most recent call last):\n" + "x" * 200_000 + "\nValueError: the end"
+    clipped = litequeue._clipped(text)
+    assert len(clipped) < litequeue.MAX_ERROR_CHARS + 100
+    assert clipped.startswith("Traceback") and clipped.endswith("ValueError: the end")
+    assert litequeue._clipped("short") == "short"
