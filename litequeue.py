@@ -2141,7 +2141,8 @@ class MemoryProbe:
 #   child -> supervisor   S JOB TICK RSS  JOB's task starts (monotonic tick, RSS at start)
 #                         P JOB [done, total]   progress (the newest per commit is kept)
 #                         C JOB {state}        a checkpoint: the child waits for A JOB
-#                         R JOB NEXT {result}  JOB returned; NEXT 1: the child takes another
+#                         R JOB NEXT RUN_S {result}  JOB returned after RUN_S seconds;
+#                                              NEXT 1: the child takes another
 #                         F JOB KIND "error"   JOB raised (KIND: error or permanent)
 #                         D [JOB, ...]         dropped on X, never started
 #
@@ -2358,12 +2359,14 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent):
     forked_bytes = process_rss_bytes(os.getpid()) or 0
     try:
         for number in range(1, spec.jobs_per_child + 1):
+            started_tick = time.monotonic()
             returned, text = _run_job(job, spec, link, signals, memory_limit_bytes)
             if not returned:
                 return
+            run_s = time.monotonic() - started_tick
             another = (pooled and number < spec.jobs_per_child and not signals.asked
                        and _fit_for_another(forked_bytes))
-            link.say(SAY_RESULT, job.id, int(another), text.encode())
+            link.say(SAY_RESULT, job.id, int(another), f"{run_s:.6f}", text.encode())
             if not another:
                 return
             job, memory_limit_bytes = link.next_job(signals)
@@ -2904,8 +2907,9 @@ class ChildPool:
         elif tag == SAY_CHECKPOINT:
             run.checkpoint, run.saved, run.ack_owed = rest.decode(), True, True
         elif tag == SAY_RESULT:
-            another, _, result = rest.partition(b" ")
+            another, run_s, result = rest.split(b" ", 2)
             run.reported, child.done = (DONE, result.decode()), another != b"1"
+            child.last_run_s = float(run_s)
         elif tag == SAY_FAILED:
             kind, _, error = rest.partition(b" ")
             run.reported, child.done = (ENDING_FAILED, kind.decode(), json.loads(error)), True
@@ -2913,7 +2917,8 @@ class ChildPool:
             return []
         tick = time.monotonic()
         child.runs.remove(run)
-        child.last_run_s = tick - (run.started_tick or run.handed_tick)
+        if tag == SAY_FAILED:
+            child.last_run_s = tick - (run.started_tick or run.handed_tick)
         if not child.runs and not child.done:
             child.idle_since_tick = tick
         if child.runs:
@@ -3334,9 +3339,15 @@ class Supervisor:
         return wanted
 
     def _children_taking_ahead(self):
+        """Pooled children that may be handed jobs ahead: not stopping, and busy (if at all)
+        with a job of a task known to be short, so nothing handed waits behind a long job."""
         return [child for child in self.pool.children
                 if not (child.done or child.dropping or child.retired)
-                and not (child.runs and child.current.stop_reason)]
+                and not (child.runs and (child.current.stop_reason or not all(
+                    self._short(run.job.task) for run in child.runs)))]
+
+    def _short(self, task):
+        return self._run_s_by_task.get(task, AHEAD_WORK_S) < AHEAD_WORK_S
 
     # -- act ----------------------------------------------------------------------------
 
@@ -3420,8 +3431,7 @@ class Supervisor:
         for child in self._children_taking_ahead():
             want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
                                 self.options.jobs_per_child - child.handed)
-            while runs and want > 0 and self._run_s_by_task.get(
-                    runs[0].job.task, AHEAD_WORK_S) < AHEAD_WORK_S:
+            while runs and want > 0 and self._short(runs[0].job.task):
                 self.pool.hand(child, runs.pop(0))
                 want -= 1
         self._held = runs

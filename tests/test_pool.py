@@ -426,9 +426,10 @@ def test_a_crash_after_many_reports_is_charged_to_the_job_that_crashed(queue):
 
 
 def test_jobs_handed_ahead_to_a_child_that_is_killed_go_back_uncharged(queue, tmp_path):
-    """Short jobs make the supervisor hand a pooled child its next jobs ahead of time. The
-    child is then killed from outside while it runs a long one: that job is charged (it
-    failed), the jobs waiting behind it in the child are given back with no attempt spent."""
+    """Short jobs make the supervisor hand a pooled child its next jobs ahead of time. A job
+    of a task known to be short then turns out long, and its child is killed from outside:
+    that job is charged (it failed), the jobs waiting behind it in the child are given back
+    with no attempt spent."""
     flag = tmp_path / "go"
 
     @queue.task(max_attempts=3)
@@ -436,20 +437,22 @@ def test_jobs_handed_ahead_to_a_child_that_is_killed_go_back_uncharged(queue, tm
         return None
 
     @queue.task(max_attempts=3)
-    def slow(ctx):
-        ctx.save({"in": True})
-        while not flag.exists():
-            time.sleep(0.01)
+    def usually_quick(ctx, block=False):
+        if block:
+            ctx.save({"in": True})
+            while not flag.exists():
+                time.sleep(0.01)
 
-    warm = queue.enqueue_many(["quick"] * 3)
-    slow_id = queue.enqueue("slow")
+    warm = queue.enqueue_many(["quick"] * 3 + [("usually_quick", {"block": False})])
+    slow_id = queue.enqueue("usually_quick", {"block": True})
     behind = queue.enqueue_many(["quick"] * 3)
     sup = stepped_supervisor(queue, slots=1, jobs_per_child=100, probe=FixedProbe())
     try:
-        step_until(sup, lambda: queue.get(slow_id).checkpoint == {"in": True})
+        step_until(sup, lambda: queue.get(slow_id).checkpoint == {"in": True}
+                   and len(sup.pool.children[0].runs) > 1)
         (child,) = sup.pool.children
         held = [run.job.id for run in child.runs[1:]]
-        assert held and set(held) <= set(behind)     # handed ahead, not started
+        assert set(held) <= set(behind)              # handed ahead, not started
         os.kill(child.pid, signal.SIGKILL)
         step_until(sup, lambda: queue.get(slow_id).error == "killed by signal 9")
         flag.touch()
@@ -460,6 +463,39 @@ def test_jobs_handed_ahead_to_a_child_that_is_killed_go_back_uncharged(queue, tm
             assert [e["reason"] for e in back] == ["handed back before it started"]
             assert queue.get(job_id).attempts == 1        # the attempt it ran; none for that
         assert all(queue.get(i).state == "done" for i in warm)
+    finally:
+        flag.touch()
+        finish(sup)
+
+
+def test_no_job_is_handed_ahead_behind_a_job_of_a_task_not_known_to_be_short(queue, tmp_path):
+    """A pooled child runs short jobs, then one of a task never seen here: the jobs after it
+    wait in the supervisor (held), not in that child, and start in order once it is done."""
+    flag = tmp_path / "go"
+
+    @queue.task
+    def quick(ctx):
+        return os.getpid()
+
+    @queue.task
+    def unknown(ctx):
+        ctx.save({"in": True})
+        while not flag.exists():
+            time.sleep(0.01)
+
+    queue.enqueue_many(["quick"] * 3)
+    long_id = queue.enqueue("unknown")
+    after = queue.enqueue_many(["quick"] * 3)
+    sup = stepped_supervisor(queue, slots=1, jobs_per_child=100, probe=FixedProbe())
+    try:
+        step_until(sup, lambda: queue.get(long_id).checkpoint == {"in": True})
+        step_for(sup, 0.6)                            # two polls: claims were looked at
+        (child,) = sup.pool.children
+        assert [run.job.id for run in child.runs] == [long_id]
+        flag.touch()
+        step_until(sup, lambda: all(queue.get(i).state == "done" for i in after))
+        started = [queue.get(i).started_at for i in after]
+        assert started == sorted(started)
     finally:
         flag.touch()
         finish(sup)
