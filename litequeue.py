@@ -2962,6 +2962,10 @@ class ChildPool:
             os.close(fd)
         return code
 
+    def busy(self):
+        """How many children have a job (a slot each)."""
+        return sum(1 for child in self.children if child.runs)
+
     def idle(self):
         return [child for child in self.children
                 if not child.runs and not child.retired and not child.done]
@@ -2998,6 +3002,87 @@ class ChildPool:
         return ready
 
 
+class _Dispatch:
+    """Which claimed job goes to which child: how many jobs to claim (free slots, and jobs
+    handed ahead to pooled children whose jobs are short), and handing them out in claim
+    order, holding here what no child should take yet. Runs are tracked in `runs` (the
+    supervisor's) from their claim until their ending is committed."""
+
+    def __init__(self, pool, options, runs):
+        self.pool, self.options, self.runs = pool, options, runs
+        self.held = []                   # runs claimed, waiting here for a free child
+        self.run_s_by_task = {}          # how long each task's last job ran here
+        self.no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
+
+    def wanted(self, tick, stopping):
+        """How many jobs to claim: one for each free slot (an idle child or a new one) not
+        already taken by a job held here, and for pooled children whose last job was short,
+        the next few, to hand them ahead of time."""
+        if stopping or tick < self.no_start_until_tick:
+            return 0
+        wanted = max(0, self.options.slots - self.pool.busy() - len(self.held))
+        if self.options.jobs_per_child > 1 and not self.held:
+            for child in self._children_taking_ahead():
+                wanted += ahead_wanted(child.last_run_s, max(0, len(child.runs) - 1),
+                                       self.options.jobs_per_child - child.handed - 1)
+        return wanted
+
+    def _children_taking_ahead(self):
+        """Pooled children that may be handed jobs ahead: not stopping, and busy (if at all)
+        with a job of a task known to be short, so nothing handed waits behind a long job."""
+        return [child for child in self.pool.children
+                if not (child.done or child.dropping or child.retired)
+                and not (child.runs and (child.current.stop_reason or not all(
+                    self._short(run.job.task) for run in child.runs)))]
+
+    def _short(self, task):
+        return self.run_s_by_task.get(task, AHEAD_WORK_S) < AHEAD_WORK_S
+
+    def hand_out(self, claimed, tick):
+        """Jobs held here first, then those just claimed, in claim order: to idle children,
+        then to new children for free slots, then ahead to pooled children while the next
+        job's task is one whose last job was short here. The rest are held for the next
+        child that is free: a job never waits in a child behind a long one, and jobs still
+        start in claim order."""
+        runs = self.held + [self.track(job, tick) for job in claimed]
+        self.held = []
+        idle = self.pool.idle()
+        while runs and (idle or self.pool.busy() < self.options.slots):
+            run = runs.pop(0)
+            if idle:
+                self.pool.hand(idle.pop(0), run)
+                continue
+            try:
+                self.pool.fork(run, tick)
+                log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id, run.job.task,
+                         run.job.attempts, run.job.max_attempts, run.child.pid)
+            except OSError as exc:        # fork refused (memory, pid limit): give back
+                log.error("cannot start a child: %s; jobs go back to the queue", exc)
+                for unplaced in [run, *runs]:
+                    unplaced.ending = Ending(ENDING_REQUEUED, f"could not start a child: {exc}")
+                self.no_start_until_tick = tick + self.options.poll_s     # not again at once
+                return
+        for child in self._children_taking_ahead():
+            want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
+                                self.options.jobs_per_child - child.handed)
+            while runs and want > 0 and self._short(runs[0].job.task):
+                self.pool.hand(child, runs.pop(0))
+                want -= 1
+        self.held = runs
+
+    def give_back_held(self, allowed=()):
+        """Held jobs whose priority may not start now go back to the queue, uncharged."""
+        for run in [run for run in self.held if run.job.priority_value not in allowed]:
+            self.held.remove(run)
+            run.ending = Ending(ENDING_REQUEUED, "handed back before it started")
+
+    def track(self, job, tick):
+        limit = job.memory_limit_bytes or self.options.memory_limit_bytes
+        run = self.runs[job.id] = _Run(job, None, limit, tick,
+                                       process_rss_bytes(os.getpid()) or 0)
+        return run
+
+
 class Supervisor:
     """Runs jobs from a queue, each in its own child under rlimits, at most `slots` at once,
     deciding job by job from memory pressure whether to run, skip or preempt.
@@ -3027,9 +3112,7 @@ class Supervisor:
         self._data_version = None
         self._quiet_until_tick = 0.0     # after a failed write: sleep a poll, deaf to writes
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
-        self._no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
-        self._run_s_by_task = {}          # how long each task's last job ran here
-        self._held = []                   # runs claimed ahead, waiting here for a free child
+        self.dispatch = _Dispatch(self.pool, self.options, self._runs)
 
     # the options most read, by their names
     slots = property(lambda self: self.options.slots)
@@ -3070,7 +3153,7 @@ class Supervisor:
                     # Every slot busy: a new job could not start anyway, so writes need not
                     # wake us (a busy queue would otherwise wake us at every commit).
                     sleeper.sleep(wake_tick, self.pool,
-                                  watch_writes=self._busy_children() < self.slots)
+                                  watch_writes=self.pool.busy() < self.slots)
         finally:
             sleeper.close()
             self.abandon_children()
@@ -3139,15 +3222,15 @@ class Supervisor:
         # decide
         self._enforce_limits(tick)
         self._ask_pending_cancels(tick)
-        if written and (polled or self._busy_children() < self.slots):
+        if written and (polled or self.pool.busy() < self.slots):
             self._unchecked_write = False          # (a write seen now is checked next poll)
             self._apply_cancels(tick)
         if self._stopping:
             self._shut_down(tick)
-        wanted = self._claims_wanted(tick) if (written or polled or freed) else 0
+        wanted = self.dispatch.wanted(tick, self._stopping) if (written or polled or freed) else 0
         # act
         claimed = self._commit(at, wanted)
-        self._hand_out(claimed, tick)
+        self.dispatch.hand_out(claimed, tick)
         self.pool.flush_all()                   # what a full pipe held back before
         self._finish_if_done(at)
         if self.options.keep_s is not None and tick >= self._next_purge_tick:
@@ -3178,7 +3261,7 @@ class Supervisor:
 
     def _end(self, run, *, current, exit_code):
         if run.reported is not None and run.child is not None:
-            self._run_s_by_task[run.job.task] = run.child.last_run_s
+            self.dispatch.run_s_by_task[run.job.task] = run.child.last_run_s
         run.ending = run_ending(run.reported, current=current, stop_reason=run.stop_reason,
                                 detail=run.detail, exit_code=exit_code, saved=run.saved,
                                 started=run.started_tick is not None)
@@ -3214,7 +3297,7 @@ class Supervisor:
                 run.lease_lost = True
                 if run.child is not None and not run.killed:
                     self._kill(run, STOP_SHUTDOWN, "lease lost while the supervisor stalled", at)
-            self._give_back_held()                   # (the file says they are not ours now)
+            self.dispatch.give_back_held()        # (the file says they are not ours now)
             self.register()
         self.queue.recover_orphans(
             self.id, lambda sup, at_: supervisor_alive(sup, self.host, at_), at)
@@ -3244,15 +3327,12 @@ class Supervisor:
         return [child.current for child in self.pool.children
                 if child.current is not None and child.current.ending is None]
 
-    def _busy_children(self):
-        return sum(1 for child in self.pool.children if child.runs)
-
     def _apply_memory_plan(self, level, pressure, at, tick):
         if level != "normal":
             for child in self.pool.idle():
                 self.pool.retire(child)              # idle children hold memory for nothing
         allowed = claimable_priorities(level, self._stopping)
-        self._give_back_held(allowed)
+        self.dispatch.give_back_held(allowed)
         for child in self.pool.children:             # jobs handed ahead that may not start now
             if any(run.job.priority_value not in allowed for run in child.runs[1:]):
                 self.pool.drop_ahead(child)
@@ -3290,8 +3370,8 @@ class Supervisor:
         for job_id in self.queue.cancel_requested(list(self._runs)):
             run = self._runs[job_id]
             run.cancel_asked = True
-            if run in self._held:
-                self._held.remove(run)
+            if run in self.dispatch.held:
+                self.dispatch.held.remove(run)
                 run.ending = Ending(ENDING_REQUEUED, "cancel requested")
             elif run.child is not None and run is not run.child.current:
                 self.pool.drop_ahead(run.child)   # if it starts it first: stopped when current
@@ -3309,7 +3389,7 @@ class Supervisor:
             self.pool.retire(child)
         for child in self.pool.children:
             self.pool.drop_ahead(child)
-        self._give_back_held()
+        self.dispatch.give_back_held()
         live = {run.job.id: run for run in self._live_runs()}
         stops = shutdown_stops([(job_id, run.stop_reason) for job_id, run in live.items()],
                                stop_now=self._stop_now)
@@ -3324,30 +3404,6 @@ class Supervisor:
                 self._ask_stop(run, STOP_SHUTDOWN, "supervisor shutting down", tick, None)
                 # Kill early enough that reaping and exiting still fit within the grace.
                 run.kill_at_tick = tick + max(0.0, self.grace_s - 2 * self.poll_s)
-
-    def _claims_wanted(self, tick):
-        """How many jobs to claim: one for each free slot (an idle child or a new one) not
-        already taken by a job held here, and for pooled children whose last job was short,
-        the next few, to hand them ahead of time."""
-        if self._stopping or tick < self._no_start_until_tick:
-            return 0
-        wanted = max(0, self.slots - self._busy_children() - len(self._held))
-        if self.options.jobs_per_child > 1 and not self._held:
-            for child in self._children_taking_ahead():
-                wanted += ahead_wanted(child.last_run_s, max(0, len(child.runs) - 1),
-                                       self.options.jobs_per_child - child.handed - 1)
-        return wanted
-
-    def _children_taking_ahead(self):
-        """Pooled children that may be handed jobs ahead: not stopping, and busy (if at all)
-        with a job of a task known to be short, so nothing handed waits behind a long job."""
-        return [child for child in self.pool.children
-                if not (child.done or child.dropping or child.retired)
-                and not (child.runs and (child.current.stop_reason or not all(
-                    self._short(run.job.task) for run in child.runs)))]
-
-    def _short(self, task):
-        return self._run_s_by_task.get(task, AHEAD_WORK_S) < AHEAD_WORK_S
 
     # -- act ----------------------------------------------------------------------------
 
@@ -3404,50 +3460,6 @@ class Supervisor:
                 self.pool.ack(run)
         return claimed[0] if claimed else []
 
-    def _hand_out(self, claimed, tick):
-        """Jobs held here first, then those just claimed, in claim order: to idle children,
-        then to new children for free slots, then ahead to pooled children while the next
-        job's task is one whose last job was short here. The rest are held for the next
-        child that is free: a job never waits in a child behind a long one, and jobs still
-        start in claim order."""
-        runs = self._held + [self._track(job, tick) for job in claimed]
-        self._held = []
-        idle = self.pool.idle()
-        while runs and (idle or self._busy_children() < self.slots):
-            run = runs.pop(0)
-            if idle:
-                self.pool.hand(idle.pop(0), run)
-                continue
-            try:
-                self.pool.fork(run, tick)
-                log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id, run.job.task,
-                         run.job.attempts, run.job.max_attempts, run.child.pid)
-            except OSError as exc:        # fork refused (memory, pid limit): give back
-                log.error("cannot start a child: %s; jobs go back to the queue", exc)
-                for unplaced in [run, *runs]:
-                    unplaced.ending = Ending(ENDING_REQUEUED, f"could not start a child: {exc}")
-                self._no_start_until_tick = tick + self.poll_s     # not again at once
-                return
-        for child in self._children_taking_ahead():
-            want = ahead_wanted(child.last_run_s, len(child.runs) - 1,
-                                self.options.jobs_per_child - child.handed)
-            while runs and want > 0 and self._short(runs[0].job.task):
-                self.pool.hand(child, runs.pop(0))
-                want -= 1
-        self._held = runs
-
-    def _give_back_held(self, allowed=()):
-        """Held jobs whose priority may not start now go back to the queue, uncharged."""
-        for run in [run for run in self._held if run.job.priority_value not in allowed]:
-            self._held.remove(run)
-            run.ending = Ending(ENDING_REQUEUED, "handed back before it started")
-
-    def _track(self, job, tick):
-        limit = job.memory_limit_bytes or self.options.memory_limit_bytes
-        run = self._runs[job.id] = _Run(job, None, limit, tick,
-                                        process_rss_bytes(os.getpid()) or 0)
-        return run
-
     def _finish_if_done(self, at):
         if self._runs:
             return
@@ -3475,7 +3487,7 @@ class Supervisor:
                     for child in self.pool.children:
                         self.pool.signal(child, signal.SIGKILL)
                 time.sleep(0.005)
-        self._give_back_held()
+        self.dispatch.give_back_held()
         with contextlib.suppress(Error):
             self._commit(now())
 
