@@ -2554,11 +2554,6 @@ class SupervisorOptions:
         return probe
 
 
-def supervisor_options(**options):
-    """SupervisorOptions from keyword arguments (kept for callers of the first version)."""
-    return SupervisorOptions(**options)
-
-
 # -- decisions: pure functions of plain values, each tested alone -----------------------
 
 def claimable_priorities(level, stopping):
