@@ -71,7 +71,7 @@ __all__ = (
     "Queue", "Supervisor", "Task", "Job", "Context",
     "Error", "BadInput", "UnknownTask", "BadPriority", "BadPayload", "JobNotFound",
     "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable",
-    "StopRequested", "Permanent", "SupervisorOptions", "parse_size", "parse_duration", "main",
+    "StopRequested", "Permanent", "UnknownTaskWarning", "SupervisorOptions", "parse_size", "parse_duration", "main",
 )
 
 class _Log:
@@ -195,6 +195,10 @@ class StopRequested(BaseException):
     """Raised by ctx.save() when a stop was asked: unwinds the task to the runner.
 
     A BaseException so that a task's `except Exception` cannot swallow it."""
+
+
+class UnknownTaskWarning(UserWarning):
+    """A job was enqueued for a task no code has declared to this file (a typo?)."""
 
 
 class Permanent(Exception):
@@ -1367,10 +1371,11 @@ class Queue(_Leases):
         with self._tx():
             row = self._job_row(*checked, at)
             existing = self._holder_of(row["unique_key"], at)
-            if existing is not None:
-                return existing
-            self._check_depth(1)
-            return self._insert_job(row)
+            if existing is None:
+                self._check_depth(1)
+                job_id = self._insert_job(row)
+        _warn_if_unknown([row])
+        return job_id if existing is None else existing
 
     def enqueue_many(self, jobs):
         """Enqueue a batch in one transaction; all or nothing. Each item is a task name, a
@@ -1393,7 +1398,8 @@ class Queue(_Leases):
             for index, row in enumerate(rows):      # later duplicates of a key in this batch
                 if ids[index] is None:
                     ids[index] = ids[first_with_key[row["unique_key"]]]
-            return ids
+        _warn_if_unknown(rows)
+        return ids
 
     @staticmethod
     def _as_enqueue_args(item):
@@ -1408,7 +1414,7 @@ class Queue(_Leases):
     def _job_row(self, task, payload_json, given, at):
         """The row of a new job: checked input over the task's defaults (read inside the
         enqueue's transaction, so an enqueue is one transaction, not a read and a write)."""
-        defaults, _ = self._defaults_for(task)
+        defaults, known = self._defaults_for(task)
         unique = given["unique"]
         if unique is None or unique is False:
             unique_key = task if (unique is None and defaults.unique_task) else None
@@ -1433,6 +1439,7 @@ class Queue(_Leases):
             "created_at": at,
             "due_at": due_at,
             "expires_at": None if ttl_s is None else due_at + ttl_s,
+            "known_task": known,        # not a column: whether to warn of a typo
         }
 
     def _holder_of(self, unique_key, at):
@@ -1678,6 +1685,17 @@ class Queue(_Leases):
         if psi is not None:
             memory["psi"] = psi
         return memory
+
+
+def _warn_if_unknown(rows):
+    """Warn (once per task name and caller) of a job whose task no code declared to this
+    file: a typo in a name is otherwise silent until nobody ever runs the job."""
+    unknown = sorted({row["task"] for row in rows if not row["known_task"]})
+    if unknown:
+        import warnings
+        warnings.warn(f"task {', '.join(map(repr, unknown))} is not in this file's catalogue "
+                      f"(a typo?); enqueued with the global defaults", UnknownTaskWarning,
+                      stacklevel=3)
 
 
 def _last_line(text):
@@ -3639,6 +3657,11 @@ def _same_process_alive(sup):
 def load_app(spec):
     """{name: Task} registered by the Queue objects of a module or .py file. The only code
     a supervisor will run comes from here: never from the database."""
+    return load_app_with_files(spec)[0]
+
+
+def load_app_with_files(spec):
+    """({name: Task}, [the path each of its Queue objects opened, as given]) of an --app."""
     import importlib
     import importlib.util
     try:
@@ -3660,15 +3683,41 @@ def load_app(spec):
     except BaseException as exc:        # SystemExit and friends from app code are bad input too
         message = str(exc).strip().splitlines()[-1:] or [""]
         raise BadInput(f"cannot import --app {spec}: {type(exc).__name__}: {message[0]}") from None
-    tasks = {}
+    tasks, files = {}, []
     for value in list(vars(module).values()):
         if isinstance(value, Queue):
             tasks.update(value.registry)
+            files.append(value.path)
         elif isinstance(value, Task):
             tasks.setdefault(value.name, value)
+            files.append(value.queue.path)
     if not tasks:
         raise BadInput(f"--app {spec} registers no tasks (no Queue with @queue.task in it)")
-    return tasks
+    return tasks, list(dict.fromkeys(files))
+
+
+def served_file(db, app, app_files):
+    """The file `serve` serves, and a warning to print (or None). --db (or $LITEQUEUE_DB)
+    wins; without either, the file the app's Queue opened, so `serve --app tasks.py` serves
+    what the app enqueues to; else ./litequeue.db. A mismatch is said out loud: jobs the app
+    enqueues to another file would wait there forever."""
+    opened = {os.path.abspath(path): path for path in app_files}
+    if db is None:
+        if len(opened) > 1:
+            raise BadInput(f"--app {app} opens several databases ({', '.join(opened)}): "
+                           f"say which to serve with --db")
+        if not opened:
+            return default_db_path(), None
+        (absolute, given), = opened.items()
+        if given == absolute:
+            return given, None
+        return absolute, (f"serving {absolute}, the file --app {app} opens as Queue({given!r}): "
+                          f"a relative path, resolved in this working directory "
+                          f"({os.getcwd()}); give the app an absolute path, or --db")
+    if opened and os.path.abspath(db) not in opened:
+        return db, (f"--app {app} opens {', '.join(opened)}, but this serves "
+                    f"{os.path.abspath(db)}: jobs the app enqueues there will not run here")
+    return db, None
 
 
 def _format_age(seconds):
@@ -3716,8 +3765,12 @@ def _build_cli():
     import click
 
     def db_option(command):
-        return click.option("--db", envvar="LITEQUEUE_DB", default="litequeue.db",
-                            show_default=True, help="database file (env: LITEQUEUE_DB)")(command)
+        # No default here: `serve --app` without --db serves the app's own file.
+        return click.option("--db", envvar="LITEQUEUE_DB", default=None,
+                            callback=lambda ctx, param, value: value if value is not None or (
+                                ctx.info_name == "serve") else default_db_path(),
+                            help="database file [default: $LITEQUEUE_DB, else ./litequeue.db; "
+                                 "for serve --app, the file the app's Queue opens]")(command)
 
     def echo_json(value):
         click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
@@ -3769,7 +3822,10 @@ def _build_cli():
                                     memory_budget=memory_budget, poll=poll, thresholds=levels,
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst)
-        tasks = load_app(app) if app else None
+        tasks, app_files = load_app_with_files(app) if app else (None, [])
+        db, warning = served_file(db, app, app_files)
+        if warning:
+            click.echo(f"litequeue: warning: {warning}", err=True)
         import threading
         if threading.active_count() > 1:
             click.echo(f"litequeue: warning: --app {app} started {threading.active_count() - 1} "
@@ -3807,7 +3863,10 @@ def _build_cli():
         if not queue.is_known_task(task):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
                        f"(a typo?); enqueued with the global defaults", err=True)
-        job_id = queue.enqueue(task, value, **options)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnknownTaskWarning)    # said above, in one line
+            job_id = queue.enqueue(task, value, **options)
         click.echo(job_id)
 
     @cli.command()
