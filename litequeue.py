@@ -62,6 +62,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 
 import apsw
@@ -70,7 +71,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Queue", "Supervisor", "Task", "Job", "Context",
     "Error", "BadInput", "UnknownTask", "BadPriority", "BadPayload", "JobNotFound",
-    "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable",
+    "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable", "UsageError", "QueueClosed",
     "StopRequested", "Permanent", "SupervisorOptions", "parse_size", "parse_duration", "main",
 )
 
@@ -189,6 +190,14 @@ class DatabaseUnusable(Error):
         super().__init__(message)
         self.orig = orig
         self.waitable = waitable    # busy, locked or full: it may pass; worth waiting out
+
+
+class UsageError(Error):
+    """The Queue was used in a way it cannot be: a bug in the calling code, not the file."""
+
+
+class QueueClosed(UsageError):
+    """The Queue was closed; open a new one."""
 
 
 class StopRequested(BaseException):
@@ -373,8 +382,24 @@ def default_db_path():
 # Storage: connect, transactions, schema and migrations
 # ======================================================================================
 
+# apsw's errors for a connection used the wrong way: the caller's bug, never the file's.
+# (The exit code of "database unusable" also means corruption: misuse must not look like it.)
+_MISUSE_ERRORS = (apsw.ThreadingViolationError, apsw.ForkingViolationError,
+                  apsw.CursorClosedError, apsw.ExecutionCompleteError,
+                  apsw.IncompleteExecutionError, apsw.MisuseError)
+
+
 def _translate(exc, path):
-    """A DatabaseUnusable with a message a user can act on, keeping apsw's error."""
+    """A DatabaseUnusable with a message a user can act on, keeping apsw's error; a
+    UsageError (QueueClosed) when the connection was misused rather than the file bad."""
+    if isinstance(exc, apsw.ConnectionClosedError):
+        error = QueueClosed(f"the Queue on {path} was closed; open a new one")
+        error.orig = exc
+        return error
+    if isinstance(exc, _MISUSE_ERRORS):
+        error = UsageError(f"the connection to {path} was used the wrong way: {exc}")
+        error.orig = exc
+        return error
     reasons = [
         (apsw.BusyError, "is locked by another process past the busy timeout"),
         (apsw.LockedError, "is locked"),
@@ -785,30 +810,49 @@ def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.
 
 class _Store:
     """A litequeue file's connection and what every part of the API writes with: one
-    transaction helper (BEGIN IMMEDIATE), reads read to the end, events."""
+    transaction helper (BEGIN IMMEDIATE), reads read to the end, events.
 
+    An apsw connection serves one thread at a time, and a Queue serves any number (a
+    threaded web server, a thread pool): every use of the connection, a transaction or a
+    read fetched to its last row, holds self._lock. It is reentrant, so a transaction may
+    read, and a method may hold it across steps that must not be split (see _unsynced)."""
+
+    @contextlib.contextmanager
+    def _using(self):
+        """Hold the connection for one transaction or read."""
+        with self._lock:
+            if self._closed:
+                raise QueueClosed(f"the Queue on {self.path} was closed; open a new one")
+            yield self.conn
+
+    @contextlib.contextmanager
     def _tx(self):
-        return _transaction(self.conn, self.path)
+        with self._using(), _transaction(self.conn, self.path) as conn:
+            yield conn
 
     def _read(self, sql, params=()):
-        try:
-            return _rows(self.conn.execute(sql, params))
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
+        with self._using():
+            try:
+                return _rows(self.conn.execute(sql, params))
+            except apsw.Error as exc:
+                raise _translate(exc, self.path) from None
 
     def _event(self, at, job_id, task, kind, from_state, to_state, reason=None, pressure=None):
         _insert_event(self.conn, at, job_id, task, kind, from_state, to_state, reason, pressure)
 
     @contextlib.contextmanager
     def _unsynced(self):
-        if not self.durable:
-            yield
-            return
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        try:
-            yield
-        finally:
-            self.conn.execute("PRAGMA synchronous = FULL")
+        """Commit what runs inside without an fsync. The lock is held from the lowering to
+        the restoring: another thread's enqueue in between would lose its durability."""
+        with self._using():
+            if not self.durable:
+                yield
+                return
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                yield
+            finally:
+                self.conn.execute("PRAGMA synchronous = FULL")
 
     def _finish(self, job_id, task, from_state, to_state, at, reason, error=None):
         """Move a job to a final state (inside a transaction) and record it."""
@@ -819,10 +863,7 @@ class _Store:
 
     def data_version(self):
         """Changes whenever another connection commits to the file (PRAGMA data_version)."""
-        try:
-            return self.conn.execute("PRAGMA data_version").fetchall()[0][0]
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
+        return self._read("PRAGMA data_version")[0]["data_version"]
 
 
 class _Leases(_Store):
@@ -965,11 +1006,13 @@ class _Leases(_Store):
         """Is any job of these tasks claimable now (ignoring memory pressure)?"""
         at = now() if at is None else at
         served = None if tasks is None else tuple(sorted(set(tasks)))
-        try:
-            blocked, _ = breakers_blocking(self.conn, at)
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
-        return any(self._next_due(p, at, served, blocked) is not None for p in PRIORITY_NAMES)
+        with self._using():
+            try:
+                blocked, _ = breakers_blocking(self.conn, at)
+                return any(self._next_due(p, at, served, blocked) is not None
+                           for p in PRIORITY_NAMES)
+            except apsw.Error as exc:
+                raise _translate(exc, self.path) from None
 
     def _leased(self, job_id, owner, attempt):
         """The lease row (task, attempts, max_attempts, cancel_requested) of a job running
@@ -1241,7 +1284,13 @@ class _Leases(_Store):
 
 
 class Queue(_Leases):
-    """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task."""
+    """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task.
+
+    One Queue may be shared by any number of threads (a threaded web server's handlers, a
+    thread pool): its calls take turns on its one connection. An asyncio app awaits
+    `await queue.aenqueue(...)` (enqueue's arguments), which runs the enqueue in a worker
+    thread so the event loop is not held up while the commit waits for the disk. After
+    close(), any call raises QueueClosed."""
 
     def __init__(self, path=None, max_depth=None, *, durable=True,
                  busy_timeout=DEFAULT_BUSY_TIMEOUT_S, breaker=None, create=True, _checked=False):
@@ -1259,6 +1308,8 @@ class Queue(_Leases):
             raise BadInput(f"breaker must be a litequeue.BreakerPolicy, not {breaker!r:.40}")
         self.breaker_policy = breaker or BreakerPolicy()
         self.registry = {}
+        self._lock = threading.RLock()          # see _Store
+        self._closed = False
         self.conn = open_database(self.path, durable=durable, busy_timeout_s=self.busy_timeout_s,
                                   create=create, checked=_checked)
         if max_depth is not None:
@@ -1279,7 +1330,10 @@ class Queue(_Leases):
         return text
 
     def close(self):
-        self.conn.close()
+        """Close the connection; using the Queue afterwards raises QueueClosed."""
+        with self._lock:
+            self._closed = True
+            self.conn.close()
 
     def __enter__(self):
         return self
@@ -1371,6 +1425,15 @@ class Queue(_Leases):
                 return existing
             self._check_depth(1)
             return self._insert_job(row)
+
+    async def aenqueue(self, task, payload=None, *, priority=None, unique=None, delay=None,
+                       ttl=None, max_attempts=None, timeout=None, memory_limit=None):
+        """enqueue() for asyncio code: the same, run in a worker thread, so the event loop
+        goes on while the commit waits for its fsync."""
+        import asyncio
+        return await asyncio.to_thread(
+            self.enqueue, task, payload, priority=priority, unique=unique, delay=delay,
+            ttl=ttl, max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
 
     def enqueue_many(self, jobs):
         """Enqueue a batch in one transaction; all or nothing. Each item is a task name, a
@@ -1607,25 +1670,23 @@ class Queue(_Leases):
             deleted += len(ids)
             if len(ids) < 2000:
                 break
-        try:
-            self.conn.execute("PRAGMA incremental_vacuum").fetchall()
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
+        self._read("PRAGMA incremental_vacuum")
         return deleted
 
     def checkpoint_wal(self):
         """Fold the WAL back into the file and truncate it (retention; long runs)."""
         # No busy wait: a reader holding a snapshot would stall the caller (the supervisor
         # loop) for the whole busy timeout; the next round finishes the job.
-        self.conn.set_busy_timeout(0)
-        try:
-            return self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
-        except apsw.BusyError:
-            return None
-        except apsw.Error as exc:
-            raise _translate(exc, self.path) from None
-        finally:
-            self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
+        with self._using():
+            self.conn.set_busy_timeout(0)
+            try:
+                return self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+            except apsw.BusyError:
+                return None
+            except apsw.Error as exc:
+                raise _translate(exc, self.path) from None
+            finally:
+                self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
 
     # -- status -------------------------------------------------------------------------
 
