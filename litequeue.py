@@ -1567,10 +1567,18 @@ class Queue(_Leases):
         return [Job(r) for r in self._read(
             f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", params)]
 
-    def events(self, job_id=None, kind=None, limit=1000):
-        """Recorded events, oldest first."""
+    def events(self, job_id=None, kind=None, limit=1000, since=None, newest=False):
+        """Recorded events, oldest first: the first `limit` of them, or with newest=True
+        the last. since: only those at or after that time (epoch seconds)."""
         where, params = self._where(job_id=job_id, kind=kind)
-        return self._read(f"SELECT * FROM events {where} ORDER BY id LIMIT ?", params + [limit])
+        if since is not None:
+            where += (" AND " if where else "WHERE ") + "at >= ?"
+            params.append(float(since))
+        params.append(-1 if limit is None else parse_positive_int(limit, "limit"))
+        if not newest:
+            return self._read(f"SELECT * FROM events {where} ORDER BY id LIMIT ?", params)
+        return self._read(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC"
+                          f" LIMIT ?) ORDER BY id", params)
 
     @staticmethod
     def _where(**columns):
@@ -3773,6 +3781,18 @@ def format_status(status, path):
     return "\n".join(lines)
 
 
+def format_event(event):
+    """One line of the `events` table: when (local time), job, task, kind, change, reason,
+    pressure."""
+    import datetime
+    when = datetime.datetime.fromtimestamp(event["at"]).isoformat(timespec="seconds")
+    change = f"{event['from_state'] or '-'} -> {event['to_state'] or '-'}"
+    reason = " ".join(str(event["reason"] or "-").split())       # one line, whatever it held
+    pressure = "-" if event["pressure"] is None else f"{event['pressure']:.1f}%"
+    return (f"{when}  {event['job_id'] or '-':>8}  {event['task'] or '-':<16} "
+            f"{event['kind']:<9} {change:<24} {reason}  {pressure}")
+
+
 def _build_cli():
     import click
 
@@ -3928,6 +3948,32 @@ def _build_cli():
     def jobs_retry(db, job_id):
         """Put a dead, skipped or cancelled job back to queued."""
         click.echo(Queue(db, create=False).retry(job_id))
+
+    @cli.command()
+    @db_option
+    @click.option("--job", "job_id", help="only this job's events")
+    @click.option("--kind", help="only events of this kind: job, decision, level, breaker")
+    @click.option("--since", help="only events this recent, e.g. 30m, 2h, 7d")
+    @click.option("--limit", type=int, default=1000, show_default=True,
+                  help="show the latest N")
+    @click.option("--json", "as_json", is_flag=True)
+    def events(db, job_id, kind, since, limit, as_json):
+        """State changes, the governor's decisions and levels, breaker transitions."""
+        since_s = None if since is None else parse_duration(since, "--since")
+        if job_id is not None:
+            job_id = Queue._job_id(job_id)
+        queue = Queue(db, create=False)
+        if job_id is not None:
+            queue.get(job_id)                   # "no job N", not an empty answer
+        found = queue.events(job_id=job_id, kind=kind, limit=limit, newest=True,
+                             since=None if since_s is None else now() - since_s)
+        if as_json:
+            echo_json(found)
+            return
+        click.echo(f"{'time':<19}  {'job':>8}  {'task':<16} {'kind':<9} {'change':<24} "
+                   f"reason  pressure")
+        for event in found:
+            click.echo(format_event(event))
 
     @cli.group()
     def breaker():
