@@ -1279,8 +1279,18 @@ class _Leases(_Store):
                         reason, pressure)
 
     def live_supervisors(self, at=None):
+        """The supervisors taken for alive, as recovery takes them (supervisor_alive): one on
+        this host while its process lives, so one killed with -9 is gone at once rather than
+        after its lease; one elsewhere while its lease is fresh."""
         at = now() if at is None else at
-        return self._read("SELECT * FROM supervisors WHERE heartbeat_at > ?", (at - LEASE_S,))
+        host = host_identity()
+        return [sup for sup in self._read("SELECT * FROM supervisors")
+                if supervisor_alive(sup, host, at)]
+
+    def running_pids(self, at=None):
+        """{job id: pid of the child running it}, as live supervisors last reported."""
+        return {item["id"]: item.get("pid") for sup in self.live_supervisors(at)
+                for item in json.loads(sup["running"])}
 
 
 class Queue(_Leases):
@@ -1546,7 +1556,12 @@ class Queue(_Leases):
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (self._job_id(job_id),))
         if not rows:
             raise JobNotFound(f"no job {job_id}")
-        return Job(rows[0])
+        job = Job(rows[0])
+        if job.state == RUNNING and job.pid is None:
+            # The row has a pid only for a job a pooled child went on to; otherwise it is
+            # in the supervisor's report of what its children run.
+            job.pid = self.running_pids().get(job.id)
+        return job
 
     @staticmethod
     def _job_id(job_id):
@@ -1704,15 +1719,15 @@ class Queue(_Leases):
         stats = self.stats()
         supervisors = self.live_supervisors(at)
         served = set()
-        rss_by_job = {}
+        reported = {}                               # job id: what its supervisor reported
         for sup in supervisors:
             served.update(json.loads(sup["tasks"]))
-            for item in json.loads(sup["running"]):
-                rss_by_job[item["id"]] = item.get("rss_bytes")
+            reported.update((item["id"], item) for item in json.loads(sup["running"]))
         running = [{
             "id": r["id"], "task": r["task"], "priority": PRIORITY_NAMES[r["priority"]],
             "started_at": r["started_at"], "attempts": r["attempts"],
-            "rss_bytes": rss_by_job.get(r["id"]),
+            "rss_bytes": reported.get(r["id"], {}).get("rss_bytes"),
+            "pid": reported.get(r["id"], {}).get("pid", r["pid"]),
             "progress": (None if r["progress_done"] is None
                          else {"done": r["progress_done"], "total": r["progress_total"]}),
         } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
@@ -3765,8 +3780,8 @@ def format_status(status, path):
         progress = run["progress"]
         shown = ("" if progress is None else f"  progress {progress['done']:g}"
                  + ("" if progress["total"] is None else f"/{progress['total']:g}"))
-        lines.append(f"running     #{run['id']} {run['task']}  {run['priority']}  rss "
-                     f"{format_bytes(run['rss_bytes'])}{shown}")
+        lines.append(f"running     #{run['id']} {run['task']}  {run['priority']}  pid "
+                     f"{run['pid'] or '?'}  rss {format_bytes(run['rss_bytes'])}{shown}")
     breakers = status["breakers"]
     lines.append("breakers    " + ("  ".join(f"{t}: {s}" for t, s in breakers.items())
                                    if breakers else "none"))
