@@ -233,7 +233,8 @@ def dumps_json(value, what="payload"):
     except UnicodeEncodeError:
         raise BadPayload(f"{what} is not JSON: it holds a lone surrogate (not UTF-8)") from None
     if size > MAX_PAYLOAD_BYTES:
-        raise BadPayload(f"{what} is {size} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes")
+        raise BadPayload(f"{what} is too large: {size} bytes ({format_bytes(size)}); the limit "
+                         f"is {format_bytes(MAX_PAYLOAD_BYTES)} ({MAX_PAYLOAD_BYTES} bytes)")
     return text
 
 
@@ -2474,8 +2475,8 @@ def _run_job(job, spec, link, signals, memory_limit_bytes):
         result = _call_task(spec.tasks[job.task].fn, ctx, job.payload)
         try:
             return True, dumps_json(result, "result")
-        except BadPayload as exc:
-            error = f"task returned a result that is not JSON: {exc}"
+        except BadPayload as exc:      # says which: not JSON, or JSON too large to store
+            error = f"task returned a result that cannot be stored: {exc}"
     except Permanent as exc:
         kind, error = FAILED_PERMANENT, f"permanent failure: {exc}"
     except MemoryError:

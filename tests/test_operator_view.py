@@ -1,5 +1,6 @@
 """What an operator sees of a real supervisor: each running job's pid in `status` and
-`jobs show`, and a supervisor killed with -9 gone from `status` at once (same host)."""
+`jobs show`, a supervisor killed with -9 gone from `status` at once (same host), and a job's
+error that says what was wrong with its result."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 import litequeue
-from conftest import SCRIPT, run_cli, wait_for
+from conftest import SCRIPT, run_cli, wait_for, write_app
 
 
 @pytest.fixture
@@ -61,3 +62,26 @@ def test_a_supervisor_killed_with_sigkill_leaves_status_at_once(db_path, serve):
     with litequeue.Queue(db_path) as q:
         assert [row["pid"] for row in q._read("SELECT pid FROM supervisors")] == [serve.pid]
     assert status_json(db_path)["supervisors"] == []
+
+
+def test_a_result_too_large_is_reported_as_too_large_not_as_not_json(tmp_path, db_path):
+    app = write_app(tmp_path, """
+        @queue.task(max_attempts=1)
+        def big(ctx):
+            return {"blob": "x" * (2 * 1024 * 1024)}          # JSON, 2 MiB
+
+        @queue.task(max_attempts=1)
+        def odd(ctx):
+            return {1, 2}                                      # not JSON at all
+    """)
+    with litequeue.Queue(db_path) as q:
+        big, odd = q.enqueue("big"), q.enqueue("odd")
+    served = run_cli("serve", "--app", app, "--burst", db=db_path, env={"LITEQUEUE_DB": db_path},
+                     timeout=120)
+    assert served.returncode == 0, served.stderr
+    with litequeue.Queue(db_path) as q:
+        big_job, odd_job = q.get(big), q.get(odd)
+    assert big_job.state == "dead"
+    assert "too large" in big_job.error and "not JSON" not in big_job.error
+    assert "2 MiB" in big_job.error and "the limit is 1 MiB" in big_job.error
+    assert odd_job.state == "dead" and "not JSON" in odd_job.error
