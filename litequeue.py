@@ -820,19 +820,28 @@ class _Store:
 
     @contextlib.contextmanager
     def _using(self):
-        """Hold the connection for one transaction or read."""
+        """Hold the connection for several steps that must not be split."""
         with self._lock:
-            if self._closed:
-                raise QueueClosed(f"the Queue on {self.path} was closed; open a new one")
+            self._check_open()
             yield self.conn
 
+    def _check_open(self):
+        if self._closed:
+            raise QueueClosed(f"the Queue on {self.path} was closed; open a new one")
+
+    # _tx and _read take the lock themselves rather than through _using: one generator
+    # less per call. Measured on single-thread NORMAL enqueues: 6-10 % slower than without
+    # a lock through _using, 4 % this way (29,000/s against 30,100/s).
     @contextlib.contextmanager
     def _tx(self):
-        with self._using(), _transaction(self.conn, self.path) as conn:
-            yield conn
+        with self._lock:
+            self._check_open()
+            with _transaction(self.conn, self.path) as conn:
+                yield conn
 
     def _read(self, sql, params=()):
-        with self._using():
+        with self._lock:
+            self._check_open()
             try:
                 return _rows(self.conn.execute(sql, params))
             except apsw.Error as exc:
