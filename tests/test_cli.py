@@ -329,6 +329,85 @@ def test_purge_requires_older_than(db_path):
     assert file_digest(db_path) == before
 
 
+# -- events ---------------------------------------------------------------------------------------
+
+def events_file(path):
+    """A job that ran (queued -> running -> done) an hour ago, a level change with its pressure
+    and a breaker transition now (T0)."""
+    with frozen(T0 - 3600), litequeue.Queue(str(path)) as q:
+        job_id = q.enqueue("echo")
+        job = q.claim("w1")[0]
+        q.complete(job.id, "w1", job.attempts, {"ok": True})
+    with litequeue.Queue(str(path)) as q:
+        q.record_event("level", "normal", "elevated", "pressure rose", pressure=72.5, at=T0)
+        q.record_event("breaker", "closed", "open", "5 failures in 60s", task="fail", at=T0)
+    return job_id
+
+
+def local_iso(at):
+    return datetime.datetime.fromtimestamp(at).isoformat(timespec="seconds")
+
+
+def test_events_prints_one_line_per_event(db_path):
+    job_id = events_file(db_path)
+    with frozen(T0):
+        result = invoke("events", "--db", db_path)
+    assert result.exit_code == 0, (result.output, result.exception)
+    lines = result.stdout.splitlines()[1:]          # under a header
+    assert len(lines) == 4
+    ran, done, level, breaker = (line.split() for line in lines)
+    assert ran[:7] == [local_iso(T0 - 3600), str(job_id), "echo", "job", "queued", "->",
+                       "running"]
+    assert done[4:7] == ["running", "->", "done"]
+    assert level[:7] == [local_iso(T0), "-", "-", "level", "normal", "->", "elevated"]
+    assert level[-1] == "72.5%" and "pressure rose" in lines[2]
+    assert breaker[1:7] == ["-", "fail", "breaker", "closed", "->", "open"]
+    assert breaker[-1] == "-"
+
+
+def test_events_filters_by_job_kind_and_age(db_path):
+    job_id = events_file(db_path)
+    with frozen(T0):
+        by_job = invoke("events", "--job", job_id, "--json", "--db", db_path)
+        by_kind = invoke("events", "--kind", "level", "--json", "--db", db_path)
+        recent = invoke("events", "--since", "30m", "--json", "--db", db_path)
+        old_too = invoke("events", "--since", "2h", "--json", "--db", db_path)
+    assert [(e["job_id"], e["to_state"]) for e in json.loads(by_job.stdout)] == [
+        (job_id, "running"), (job_id, "done")]
+    assert [(e["kind"], e["pressure"]) for e in json.loads(by_kind.stdout)] == [("level", 72.5)]
+    assert [e["kind"] for e in json.loads(recent.stdout)] == ["level", "breaker"]
+    assert len(json.loads(old_too.stdout)) == 4
+
+
+def test_events_since_in_the_python_api(db_path):
+    events_file(db_path)
+    with litequeue.Queue(db_path) as q:
+        assert [e["kind"] for e in q.events(since=T0 - 1)] == ["level", "breaker"]
+        assert [e["kind"] for e in q.events(since=T0 - 1, kind="breaker")] == ["breaker"]
+
+
+@pytest.mark.parametrize("args, said", [
+    (("--since", "soon"), "--since"),
+    (("--since", "-5m"), "--since"),
+    (("--job", "abc"), "job id"),
+    (("--job", "0"), "no job 0"),
+    (("--job", "424242"), "no job 424242"),
+])
+def test_events_bad_input_is_exit_2_in_one_line(db_path, args, said):
+    events_file(db_path)
+    result = main("events", *args, "--db", db_path)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and said in result.stderr
+    assert result.stdout == ""
+
+
+def test_events_from_a_real_subprocess(db_path):
+    job_id = events_file(db_path)
+    result = run_cli("events", "--kind", "job", "--json", db=db_path)
+    assert result.returncode == 0, result.stderr
+    assert [e["job_id"] for e in json.loads(result.stdout)] == [job_id, job_id]
+
+
 # -- --db and $LITEQUEUE_DB -----------------------------------------------------------------------
 
 def test_db_defaults_to_the_environment(tmp_path):
