@@ -225,9 +225,12 @@ class Soak:
 
     def kill_a_child(self, sup, t0, note):
         time.sleep(self.rng.uniform(0.0, 0.3))
-        children = self.wait(lambda: job_children(sup.pid) or sup.poll() is not None,
-                             timeout=20)
-        if children is True:            # the supervisor is gone: the caller reports it
+        # A job child, unless the supervisor is gone (the caller reports it) or every job
+        # is already done (jobs this short may all be, with nothing left to kill).
+        children = self.wait(lambda: job_children(sup.pid) or sup.poll() is not None
+                             or self.nothing_to_run(), timeout=20)
+        if children is True:
+            note.append("no job child to kill: nothing left to run")
             return
         victim = self.rng.choice(sorted(children, key=lambda p: p.pid))
         try:
@@ -276,6 +279,10 @@ class Soak:
             self.wait(self.observer.has_due, timeout=45)
 
     # -- reading the file ---------------------------------------------------------------
+
+    def nothing_to_run(self):
+        counts = self.observer.stats()["jobs"]
+        return counts["queued"] + counts["running"] == 0
 
     def serving(self, sup):
         return any(s["pid"] == sup.pid for s in self.observer.live_supervisors())
