@@ -209,3 +209,36 @@ def test_serve_without_notify_socket_is_unchanged(tmp_path):
     _, stderr = serve.communicate(timeout=60)
     assert serve.returncode == 0, stderr
     assert "systemd" not in stderr
+
+
+# --------------------------------------------------------------------------------------
+# MemoryDenyWriteExecute=yes in examples/litequeue.service
+# --------------------------------------------------------------------------------------
+
+# Run the rest of argv with the kernel's own W^X rule (PR_SET_MDWE, Linux 6.3+), the rule
+# MemoryDenyWriteExecute= enforces with seccomp: no mapping both writable and executable.
+UNDER_MDWE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:          # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(99)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_supervisor_and_children_run_under_memory_deny_write_execute(tmp_path):
+    probe = subprocess.run([sys.executable, "-c", UNDER_MDWE, "-c",
+                            "import mmap; mmap.mmap(-1, 4096, prot=7)"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    assert "PermissionError" in probe.stderr       # the rule holds: W+X is refused
+    db = tmp_path / "q.db"
+    with litequeue.Queue(db) as queue:
+        job_id = queue.enqueue("echo", {"under": "mdwe"})
+    serve = subprocess.run([sys.executable, "-c", UNDER_MDWE, SCRIPT, "serve", "--db", str(db),
+                            "--burst"], capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 0, serve.stderr
+    with litequeue.Queue(db) as queue:
+        job = queue.get(job_id)
+    assert (job.state, job.error) == ("done", None)
