@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import litequeue
-from conftest import ROOT, SCRIPT, run_cli, wait_for
+from conftest import ROOT, run_cli, wait_for
 
 EXAMPLES = os.path.join(ROOT, "examples")
 
@@ -162,21 +162,14 @@ def test_crontab_heartbeat_never_piles_up(tmp_path):
     assert len(entries) == 1
     schedule, command = entries[0]
     assert schedule == "* * * * *"                     # every minute
-    assert "/opt/app/venv/bin" in variables["PATH"].split(":")
-    assert command.startswith("python /opt/app/litequeue.py enqueue heartbeat ")
-    db = tmp_path / "queue.db"
-    # This checkout and a temporary database for the example's paths; this interpreter for
-    # the `python` that the crontab's PATH would find.
-    command = (command.replace("/opt/app/litequeue.py", shlex.quote(SCRIPT))
-               .replace("/var/lib/app/queue.db", shlex.quote(str(db))))
-    command = shlex.quote(sys.executable) + command[len("python"):]
-    # As cron runs it: /bin/sh, a bare environment, the home directory as cwd.
-    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHELL": "/bin/sh",
-                "LOGNAME": "app"}
+    assert variables == {}                  # no PATH needed: the interpreter's path is whole
+    state = tmp_path / "var"
+    state.mkdir()
+    db = state / "queue.db"
 
     def tick():
-        result = subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, env=cron_env,
-                                capture_output=True, text=True, timeout=30)
+        # As cron runs it: /bin/sh, a bare environment, the home directory as cwd.
+        result = as_cron_runs(f"{schedule} {command}", ROOT, state)
         assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
     def heartbeats(state=None):
@@ -198,6 +191,64 @@ def test_crontab_heartbeat_never_piles_up(tmp_path):
     status = run_cli("status", "--json", db=db)
     assert status.returncode == 0
     assert json.loads(status.stdout)["heartbeat_age"] is not None
+
+
+def readme_cron_line():
+    """The crontab line README.md documents, as written: the one job line in the ```cron
+    block of "From the command line, cron and systemd"."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## From the command line, cron and systemd", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```cron\n(.*?)```", section, re.S)
+    lines = [line for block in blocks for line in block.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def as_cron_runs(line, app_dir, state_dir):
+    """The command of a crontab line with the example's paths made real: this interpreter
+    for the app's venv, this checkout for /opt/app, a temporary directory for
+    /var/lib/app; run by /bin/sh in cron's bare environment from the home directory."""
+    fields = line.split(None, 5)
+    assert " ".join(fields[:5]) == "* * * * *", line          # every minute
+    command = (fields[5].replace("/opt/app/venv/bin/python", shlex.quote(sys.executable))
+               .replace("/opt/app", shlex.quote(app_dir))
+               .replace("/var/lib/app", shlex.quote(str(state_dir))))
+    home = state_dir.parent / "home"
+    home.mkdir(exist_ok=True)
+    return subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"HOME={home}", "sh", "-c",
+                           command], cwd=home, capture_output=True, text=True, timeout=60)
+
+
+def test_readme_cron_line_works_as_cron_runs_it(tmp_path):
+    line = readme_cron_line()
+    # Nothing cron's PATH (/usr/bin:/bin) would have to find: the venv's interpreter by its
+    # absolute path; the cached bytecode (-m) rather than a script compiled on every run.
+    assert line.split(None, 5)[5].split()[0] != "python", line
+    assert "/opt/app/venv/bin/python -m litequeue enqueue heartbeat" in line
+    assert line.rstrip().endswith(">/dev/null")         # the job id is not mailed every minute
+    # examples/crontab carries the same line.
+    entries, _ = crontab_entries(os.path.join(EXAMPLES, "crontab"))
+    assert [f"{schedule} {command}" for schedule, command in entries] == [line]
+
+    state = tmp_path / "var"
+    state.mkdir()
+    for _ in range(2):
+        result = as_cron_runs(line, ROOT, state)
+        # Silent on success: nothing for cron to mail.
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    with litequeue.Queue(state / "queue.db") as queue:
+        assert [job.state for job in queue.jobs(task="heartbeat", limit=None)] == ["queued"]
+
+
+def test_readme_cron_line_speaks_on_failure(tmp_path):
+    missing = tmp_path / "no-such-dir"                 # the database's directory is missing
+    result = as_cron_runs(readme_cron_line(), ROOT, missing)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "no-such-dir" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1          # one line in cron's mail
 
 
 # --------------------------------------------------------------------------------------
