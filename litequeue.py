@@ -136,6 +136,8 @@ CHILD_IDLE_S = 30.0             # a reused child idle this long is let go, its m
 PROGRESS_EVERY_S = 0.2          # a task's progress is sent at most this often (and its last)
 CHANNEL_BATCH_S = 0.002         # while children keep reporting, read them this often
 SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a second
+WATCHDOG_EVERY_S = 5.0          # systemd's WATCHDOG=1 at most this often (or a quarter of
+                                # WatchdogSec when that is shorter)
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
 
@@ -3198,7 +3200,8 @@ class Supervisor:
     step() does one round (observe, decide, act) and returns when it next needs to run;
     run() loops it until SIGTERM/SIGINT (or, with burst=True, until nothing runs or is due)."""
 
-    def __init__(self, queue, options=None, *, tasks=None, probe=None, **option_values):
+    def __init__(self, queue, options=None, *, tasks=None, probe=None, notifier=None,
+                 **option_values):
         if options is not None and option_values:
             raise BadInput("give a Supervisor its options or option values, not both")
         self.queue = queue
@@ -3221,6 +3224,8 @@ class Supervisor:
         self._quiet_until_tick = 0.0     # after a failed write: sleep a poll, deaf to writes
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
         self.dispatch = _Dispatch(self.pool, self.options, self._runs)
+        self.notifier = notifier if notifier is not None else \
+            _SystemdNotifier.from_environ(os.environ)
 
     # the options most read, by their names
     slots = property(lambda self: self.options.slots)
@@ -3252,9 +3257,15 @@ class Supervisor:
         sleeper = _Sleeper(self.queue.path, libc, self.options.notice_s)
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)     # give back the heap left over from compiling this module
+        self.notifier.ready()       # registered (our lease is in the file) and serving
         try:
             while not self._finished:
-                wake_tick = self._step_surviving()
+                # STOPPING=1 at the first turn that sees a signal (handlers only set flags).
+                self.notifier.turn(time.monotonic(), stopping=self._stopping)
+                # The sleep below is bounded by the memory poll (0.25 s by default), so the
+                # loop turns far more often than the watchdog needs; the notifier's own
+                # deadline bounds it too, for a --poll longer than WatchdogSec allows.
+                wake_tick = min(self._step_surviving(), self.notifier.next_tick())
                 if time.monotonic() < self._quiet_until_tick:
                     sleeper.sleep_quietly(wake_tick)
                 else:
@@ -3263,6 +3274,7 @@ class Supervisor:
                     sleeper.sleep(wake_tick, self.pool,
                                   watch_writes=self.pool.busy() < self.slots)
         finally:
+            self.notifier.stopping()    # if a burst end or an error got here first
             sleeper.close()
             self.abandon_children()
             self.queue.unregister_supervisor(self.id)
@@ -3704,6 +3716,81 @@ class _DirectoryWatch:
 
     def close(self):
         os.close(self.fd)
+
+
+class _SystemdNotifier:
+    """systemd's notify protocol (sd_notify(3)) without libsystemd: READY=1, WATCHDOG=1 and
+    STOPPING=1, each one datagram to the AF_UNIX socket named by $NOTIFY_SOCKET (a leading
+    `@` is the abstract namespace). Without that variable (not run by systemd as
+    Type=notify) it does nothing. A send that fails is logged once and never raised into the
+    loop: the supervisor serves on, and if systemd stops hearing from it, its watchdog
+    restarts it, which is the point."""
+
+    def __init__(self, address=None, watchdog_s=None):
+        self.address = address
+        # Half of WatchdogSec is systemd's advice; a quarter leaves room for a slow turn.
+        self.watchdog_every_s = min(WATCHDOG_EVERY_S, watchdog_s / 4) if watchdog_s \
+            else WATCHDOG_EVERY_S
+        self.next_watchdog_tick = float("-inf")
+        self.stopping_sent = self.failed = False
+
+    @classmethod
+    def from_environ(cls, environ):
+        """From $NOTIFY_SOCKET, $WATCHDOG_USEC and $WATCHDOG_PID (the environment given)."""
+        address = environ.get("NOTIFY_SOCKET") or None
+        if address is not None and address.startswith("@"):
+            address = "\0" + address[1:]
+        elif address is not None and not address.startswith("/"):
+            log.warning("NOTIFY_SOCKET=%s: not a socket path or @name; systemd will not "
+                        "hear from this supervisor", address)
+            address = None
+        watchdog_s = None
+        if environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+            with contextlib.suppress(ValueError):
+                watchdog_s = int(environ.get("WATCHDOG_USEC", "")) / 1e6 or None
+        return cls(address, watchdog_s)
+
+    @property
+    def enabled(self):
+        return self.address is not None
+
+    def next_tick(self):
+        """When the loop must turn next for the watchdog (never, without systemd)."""
+        return self.next_watchdog_tick if self.enabled else float("inf")
+
+    def ready(self):
+        self._send("READY=1")
+
+    def turn(self, tick, *, stopping):
+        """One turn of the loop: STOPPING=1 the first time it sees a stop, and WATCHDOG=1
+        if the last one is watchdog_every_s old."""
+        if not self.enabled:
+            return
+        if stopping:
+            self.stopping()
+        if tick >= self.next_watchdog_tick:
+            self.next_watchdog_tick = tick + self.watchdog_every_s
+            self._send("WATCHDOG=1")
+
+    def stopping(self):
+        if not self.stopping_sent:
+            self.stopping_sent = True
+            self._send("STOPPING=1")
+
+    def _send(self, message):
+        if not self.enabled:
+            return
+        import socket
+        try:
+            # A socket for each message (every few seconds): no descriptor held open for
+            # the forked children to inherit.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self.address)
+        except OSError as exc:
+            if not self.failed:
+                self.failed = True
+                log.warning("cannot notify systemd at %s (%s): %s; going on without it",
+                            self.address.replace("\0", "@"), message, exc)
 
 
 def host_identity():

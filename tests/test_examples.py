@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 import litequeue
-from conftest import ROOT, SCRIPT, run_cli, wait_for
+from conftest import ROOT, run_cli, wait_for
 
 EXAMPLES = os.path.join(ROOT, "examples")
 
@@ -160,21 +162,14 @@ def test_crontab_heartbeat_never_piles_up(tmp_path):
     assert len(entries) == 1
     schedule, command = entries[0]
     assert schedule == "* * * * *"                     # every minute
-    assert "/opt/app/venv/bin" in variables["PATH"].split(":")
-    assert command.startswith("python /opt/app/litequeue.py enqueue heartbeat ")
-    db = tmp_path / "queue.db"
-    # This checkout and a temporary database for the example's paths; this interpreter for
-    # the `python` that the crontab's PATH would find.
-    command = (command.replace("/opt/app/litequeue.py", shlex.quote(SCRIPT))
-               .replace("/var/lib/app/queue.db", shlex.quote(str(db))))
-    command = shlex.quote(sys.executable) + command[len("python"):]
-    # As cron runs it: /bin/sh, a bare environment, the home directory as cwd.
-    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHELL": "/bin/sh",
-                "LOGNAME": "app"}
+    assert variables == {}                  # no PATH needed: the interpreter's path is whole
+    state = tmp_path / "var"
+    state.mkdir()
+    db = state / "queue.db"
 
     def tick():
-        result = subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, env=cron_env,
-                                capture_output=True, text=True, timeout=30)
+        # As cron runs it: /bin/sh, a bare environment, the home directory as cwd.
+        result = as_cron_runs(f"{schedule} {command}", ROOT, state)
         assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
     def heartbeats(state=None):
@@ -196,6 +191,64 @@ def test_crontab_heartbeat_never_piles_up(tmp_path):
     status = run_cli("status", "--json", db=db)
     assert status.returncode == 0
     assert json.loads(status.stdout)["heartbeat_age"] is not None
+
+
+def readme_cron_line():
+    """The crontab line README.md documents, as written: the one job line in the ```cron
+    block of "From the command line, cron and systemd"."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## From the command line, cron and systemd", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```cron\n(.*?)```", section, re.S)
+    lines = [line for block in blocks for line in block.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def as_cron_runs(line, app_dir, state_dir):
+    """The command of a crontab line with the example's paths made real: this interpreter
+    for the app's venv, this checkout for /opt/app, a temporary directory for
+    /var/lib/app; run by /bin/sh in cron's bare environment from the home directory."""
+    fields = line.split(None, 5)
+    assert " ".join(fields[:5]) == "* * * * *", line          # every minute
+    command = (fields[5].replace("/opt/app/venv/bin/python", shlex.quote(sys.executable))
+               .replace("/opt/app", shlex.quote(app_dir))
+               .replace("/var/lib/app", shlex.quote(str(state_dir))))
+    home = state_dir.parent / "home"
+    home.mkdir(exist_ok=True)
+    return subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", f"HOME={home}", "sh", "-c",
+                           command], cwd=home, capture_output=True, text=True, timeout=60)
+
+
+def test_readme_cron_line_works_as_cron_runs_it(tmp_path):
+    line = readme_cron_line()
+    # Nothing cron's PATH (/usr/bin:/bin) would have to find: the venv's interpreter by its
+    # absolute path; the cached bytecode (-m) rather than a script compiled on every run.
+    assert line.split(None, 5)[5].split()[0] != "python", line
+    assert "/opt/app/venv/bin/python -m litequeue enqueue heartbeat" in line
+    assert line.rstrip().endswith(">/dev/null")         # the job id is not mailed every minute
+    # examples/crontab carries the same line.
+    entries, _ = crontab_entries(os.path.join(EXAMPLES, "crontab"))
+    assert [f"{schedule} {command}" for schedule, command in entries] == [line]
+
+    state = tmp_path / "var"
+    state.mkdir()
+    for _ in range(2):
+        result = as_cron_runs(line, ROOT, state)
+        # Silent on success: nothing for cron to mail.
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    with litequeue.Queue(state / "queue.db") as queue:
+        assert [job.state for job in queue.jobs(task="heartbeat", limit=None)] == ["queued"]
+
+
+def test_readme_cron_line_speaks_on_failure(tmp_path):
+    missing = tmp_path / "no-such-dir"                 # the database's directory is missing
+    result = as_cron_runs(readme_cron_line(), ROOT, missing)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "no-such-dir" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1          # one line in cron's mail
 
 
 # --------------------------------------------------------------------------------------
@@ -265,31 +318,76 @@ def test_systemd_unit_flags_exist_and_stop_timeout_covers_grace(tmp_path):
     assert budget < memory_max <= 1.5 * budget              # a bit above the budget
     assert service["KillSignal"] == ["SIGTERM"]
     assert service["KillMode"] == ["mixed"]                 # SIGTERM to the supervisor only
-    assert service["Restart"] == ["on-failure"]
     assert service["NoNewPrivileges"] == ["yes"]
     assert service["ProtectSystem"] == ["strict"]
+    # The database's directory is the one systemd makes and leaves writable.
     db_dir = os.path.dirname(options["--db"])
-    assert db_dir in " ".join(service["ReadWritePaths"]).split()
+    assert db_dir == "/var/lib/" + service["StateDirectory"][0]
+    assert service["WorkingDirectory"] == [db_dir]
+    assert "ReadWritePaths" not in service                  # StateDirectory= covers it
     assert f"LITEQUEUE_DB={options['--db']}" in service["Environment"]
+    assert "ProcSubset" not in service       # the governor reads /proc/pressure/memory
 
-    # systemd's own check of the file, where systemd is installed: the interpreter must
-    # exist, so it is pointed at this one.
-    if shutil.which("systemd-analyze"):
-        copy = tmp_path / "litequeue.service"
-        with open(UNIT) as f:
-            copy.write_text(f.read().replace("/opt/app/venv/bin/python", sys.executable))
-        verify = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
-                                text=True, timeout=60)
-        own = [line for line in verify.stderr.splitlines() if "litequeue.service" in line]
-        assert verify.returncode == 0 and own == [], verify.stderr
+
+def test_systemd_unit_is_watched_and_never_gives_up():
+    unit = read_unit(UNIT)
+    service = unit["Service"]
+    # The supervisor says when it is ready and feeds the watchdog (tests/test_systemd.py).
+    assert service["Type"] == ["notify"]
+    assert service["NotifyAccess"] == ["main"]
+    watchdog_s = timespan_s(service["WatchdogSec"][0])
+    assert litequeue.WATCHDOG_EVERY_S <= watchdog_s / 2
+    assert service["SyslogIdentifier"] == ["litequeue"]
+    # An unattended device: restart whatever the exit, for ever, but not after bad input.
+    assert service["Restart"] == ["always"]
+    assert timespan_s(service["RestartSec"][0]) >= 1
+    assert unit["Unit"]["StartLimitIntervalSec"] == ["0"]
+    assert service["RestartPreventExitStatus"] == ["2"]
+
+
+def systemd_unit_here(tmp_path):
+    """The unit with its interpreter pointed at this one: `verify` checks that ExecStart's
+    binary exists."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+    copy = tmp_path / "litequeue.service"
+    with open(UNIT) as f:
+        copy.write_text(f.read().replace("/opt/app/venv/bin/python", sys.executable))
+    return copy
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
+    copy = systemd_unit_here(tmp_path)
+    verify = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True,
+                            text=True, timeout=60)
+    own = [line for line in verify.stderr.splitlines() if "litequeue.service" in line]
+    assert verify.returncode == 0 and own == [], verify.stderr
+
+
+def test_systemd_analyze_security_exposure_below_4(tmp_path):
+    copy = systemd_unit_here(tmp_path)
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(copy)],
+                              capture_output=True, text=True, timeout=60)
+    print(security.stdout, security.stderr)
+    if "--offline" in security.stderr and security.returncode != 0:
+        pytest.skip(f"this systemd-analyze has no --offline: {security.stderr.strip()}")
+    last = security.stdout.strip().splitlines()[-1]
+    # "→ Overall exposure level for litequeue.service: 1.0 OK 🙂"
+    score = float(re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", last).group(1))
+    assert score < 4.0, last
 
 
 def test_systemd_exec_start_serves_and_stops_cleanly_on_sigterm(tmp_path):
     """Run the unit's ExecStart as systemd would (its Environment, WorkingDirectory, the
-    vendored layout under /opt/app) and stop it as KillMode=mixed does: SIGTERM to the main
-    process only. It must exit 0 well within TimeoutStopSec, the running job requeued at
-    its checkpoint and not charged."""
+    vendored layout under /opt/app, Type=notify's socket and WatchdogSec) and stop it as
+    KillMode=mixed does: SIGTERM to the main process only. It must say READY=1, feed the
+    watchdog, say STOPPING=1 and exit 0 well within TimeoutStopSec, the running job requeued
+    at its checkpoint and not charged."""
+    import socket
+    import tempfile
+
     import psutil
+    from test_systemd import read_until
     service = read_unit(UNIT)["Service"]
     opt, var = tmp_path / "opt" / "app", tmp_path / "var" / "lib" / "app"
     opt.mkdir(parents=True)
@@ -304,22 +402,33 @@ def test_systemd_exec_start_serves_and_stops_cleanly_on_sigterm(tmp_path):
 
     argv = [here(arg) for arg in shlex.split(service["ExecStart"][0])]
     env = clean_env(**dict(here(item).split("=", 1) for item in service["Environment"]))
+    # What systemd gives a Type=notify service with WatchdogSec=.
+    notify_dir = tempfile.mkdtemp(prefix="lq-unit-")          # a socket path is short
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(notify_dir, "notify"))
+    env.update(NOTIFY_SOCKET=os.path.join(notify_dir, "notify"),
+               WATCHDOG_USEC=str(int(timespan_s(service["WatchdogSec"][0]) * 1e6)))
     db = exec_start_options(argv)["--db"]
     serve = subprocess.Popen(argv, cwd=here(service["WorkingDirectory"][0]), env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert read_until(notify, "READY=1", timeout=60) == ["READY=1"]
+        assert read_until(notify, "WATCHDOG=1") == ["WATCHDOG=1"]
         with litequeue.Queue(db) as queue:
             job_id = queue.enqueue("upload_backlog", {"batches": 1000, "batch_s": 0.02})
             wait_for(lambda: (queue.get(job_id).checkpoint or {}).get("sent", 0) >= 3)
             children = psutil.Process(serve.pid).children(recursive=True)
             assert children
             serve.send_signal(signal.SIGTERM)
+            assert set(read_until(notify, "STOPPING=1")) <= {"WATCHDOG=1", "STOPPING=1"}
             code = serve.wait(timeout=timespan_s(service["TimeoutStopSec"][0]))
             job = queue.get(job_id)
     finally:
         if serve.poll() is None:
             serve.kill()
         _, stderr = serve.communicate(timeout=30)
+        notify.close()
+        shutil.rmtree(notify_dir)
     assert code == 0, stderr
     assert (job.state, job.attempts, job.error) == ("queued", 0, None), stderr
     assert job.checkpoint["sent"] >= 3
