@@ -1310,7 +1310,112 @@ class _Leases(_Store):
                 for item in json.loads(sup["running"])}
 
 
-class Queue(_Leases):
+class _Operator(_Leases):
+    """What an operator reads and steers by hand: events, counts, `status`, breakers."""
+
+    def events(self, job_id=None, kind=None, limit=1000, since=None, newest=False):
+        """Recorded events, oldest first: the first `limit` of them, or with newest=True
+        the last. since: only those at or after that time (epoch seconds)."""
+        where, params = self._where(job_id=job_id, kind=kind)
+        if since is not None:
+            where += (" AND " if where else "WHERE ") + "at >= ?"
+            params.append(float(since))
+        params.append(-1 if limit is None else parse_positive_int(limit, "limit"))
+        if not newest:
+            return self._read(f"SELECT * FROM events {where} ORDER BY id LIMIT ?", params)
+        return self._read(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC"
+                          f" LIMIT ?) ORDER BY id", params)
+
+    @staticmethod
+    def _where(**columns):
+        """A WHERE clause matching the columns given (None: any value), and its parameters."""
+        given = {name: value for name, value in columns.items() if value is not None}
+        clause = " AND ".join(f"{name} = ?" for name in given)
+        return (f"WHERE {clause}" if given else ""), list(given.values())
+
+    def stats(self):
+        """{"jobs": counts by state, "priorities": {priority: {state: n}}}."""
+        counts = {state: 0 for state in STATES}
+        by_priority = {name: {} for name in PRIORITIES}
+        for row in self._read("SELECT state, priority, count(*) AS n FROM jobs"
+                              " GROUP BY state, priority"):
+            counts[row["state"]] += row["n"]
+            by_priority[PRIORITY_NAMES[row["priority"]]][row["state"]] = row["n"]
+        return {"jobs": counts, "priorities": by_priority}
+
+    def reset_breaker(self, task):
+        """Close a task's breaker by hand; returns the state it was in, as users saw it."""
+        with self._tx():
+            at = now()
+            known = self.conn.execute("SELECT 1 FROM tasks WHERE name = ? UNION ALL SELECT 1"
+                                      " FROM breakers WHERE task = ?", (task, task)).fetchall()
+            if not known:
+                raise UnknownTask(f"no task {task!r} in this file's catalogue or breakers")
+            row = _load_breaker(self.conn, task, at)
+            _store_breaker(self.conn, row, new_breaker(task, at), at, "reset by hand")
+            return effective_breaker_state(row, at)
+
+    def breakers(self, at=None):
+        """Every task's breaker as users see it (an open one past its cooldown: half-open)."""
+        at = now() if at is None else at
+        return [{"task": r["task"], "state": effective_breaker_state(r, at),
+                 "failures": len(json.loads(r["failures"])), "opened_at": r["opened_at"],
+                 "cooldown_s": r["cooldown_s"], "trial_job_id": r["trial_job_id"]}
+                for r in self._read("SELECT * FROM breakers ORDER BY task")]
+
+    def status(self, at=None):
+        """Everything `status` shows, as one dict (the keys of `status --json`)."""
+        at = now() if at is None else at
+        stats = self.stats()
+        supervisors = self.live_supervisors(at)
+        served = set()
+        reported = {}                               # job id: what its supervisor reported
+        for sup in supervisors:
+            served.update(json.loads(sup["tasks"]))
+            reported.update((item["id"], item) for item in json.loads(sup["running"]))
+        running = [{
+            "id": r["id"], "task": r["task"], "priority": PRIORITY_NAMES[r["priority"]],
+            "started_at": r["started_at"], "attempts": r["attempts"],
+            "rss_bytes": reported.get(r["id"], {}).get("rss_bytes"),
+            "pid": reported.get(r["id"], {}).get("pid", r["pid"]),
+            "progress": (None if r["progress_done"] is None
+                         else {"done": r["progress_done"], "total": r["progress_total"]}),
+        } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
+        waiting = [r["task"] for r in self._read(
+            "SELECT DISTINCT task FROM jobs WHERE state = 'queued'")]
+        heartbeat = self._read("SELECT value FROM meta WHERE key = 'heartbeat_at'")
+        return {
+            "jobs": stats["jobs"],
+            "priorities": stats["priorities"],
+            "running": running,
+            "memory": self._memory_status(supervisors),
+            "breakers": {b["task"]: effective_breaker_state(b, at)
+                         for b in self._read("SELECT * FROM breakers ORDER BY task")},
+            "heartbeat_age": (None if not heartbeat
+                              else round(max(0.0, at - float(heartbeat[0]["value"])), 3)),
+            "supervisors": [{"id": s["id"], "pid": s["pid"], "level": s["level"],
+                             "pressure": s["pressure"], "heartbeat_age":
+                             round(at - s["heartbeat_at"], 3)} for s in supervisors],
+            "unserved": sorted(task for task in waiting if task not in served),
+            "max_depth": self.max_depth,
+        }
+
+    @staticmethod
+    def _memory_status(supervisors):
+        readings = [s for s in supervisors if s["pressure"] is not None]
+        if readings:
+            worst = max(readings, key=lambda s: (LEVELS.index(s["level"]), s["pressure"]))
+            memory = {"level": worst["level"], "pressure": round(worst["pressure"], 1)}
+        else:
+            memory = {"level": "normal", "pressure": round(MemoryProbe().machine_percent(), 1)}
+        psi = read_psi()
+        if psi is not None:
+            memory["psi"] = psi
+        return memory
+
+
+
+class Queue(_Operator):
     """A litequeue file: enqueue, inspect and steer jobs; register tasks with @queue.task.
 
     One Queue may be shared by any number of threads (a threaded web server's handlers, a
@@ -1602,36 +1707,6 @@ class Queue(_Leases):
         return [Job(r) for r in self._read(
             f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", params)]
 
-    def events(self, job_id=None, kind=None, limit=1000, since=None, newest=False):
-        """Recorded events, oldest first: the first `limit` of them, or with newest=True
-        the last. since: only those at or after that time (epoch seconds)."""
-        where, params = self._where(job_id=job_id, kind=kind)
-        if since is not None:
-            where += (" AND " if where else "WHERE ") + "at >= ?"
-            params.append(float(since))
-        params.append(-1 if limit is None else parse_positive_int(limit, "limit"))
-        if not newest:
-            return self._read(f"SELECT * FROM events {where} ORDER BY id LIMIT ?", params)
-        return self._read(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC"
-                          f" LIMIT ?) ORDER BY id", params)
-
-    @staticmethod
-    def _where(**columns):
-        """A WHERE clause matching the columns given (None: any value), and its parameters."""
-        given = {name: value for name, value in columns.items() if value is not None}
-        clause = " AND ".join(f"{name} = ?" for name in given)
-        return (f"WHERE {clause}" if given else ""), list(given.values())
-
-    def stats(self):
-        """{"jobs": counts by state, "priorities": {priority: {state: n}}}."""
-        counts = {state: 0 for state in STATES}
-        by_priority = {name: {} for name in PRIORITIES}
-        for row in self._read("SELECT state, priority, count(*) AS n FROM jobs"
-                              " GROUP BY state, priority"):
-            counts[row["state"]] += row["n"]
-            by_priority[PRIORITY_NAMES[row["priority"]]][row["state"]] = row["n"]
-        return {"jobs": counts, "priorities": by_priority}
-
     # -- steer --------------------------------------------------------------------------
 
     def cancel(self, job_id):
@@ -1674,26 +1749,6 @@ class Queue(_Leases):
             self._event(at, job.id, job.task, "job", job.state, QUEUED, "retried by hand")
         return job.id
 
-    def reset_breaker(self, task):
-        """Close a task's breaker by hand; returns the state it was in, as users saw it."""
-        with self._tx():
-            at = now()
-            known = self.conn.execute("SELECT 1 FROM tasks WHERE name = ? UNION ALL SELECT 1"
-                                      " FROM breakers WHERE task = ?", (task, task)).fetchall()
-            if not known:
-                raise UnknownTask(f"no task {task!r} in this file's catalogue or breakers")
-            row = _load_breaker(self.conn, task, at)
-            _store_breaker(self.conn, row, new_breaker(task, at), at, "reset by hand")
-            return effective_breaker_state(row, at)
-
-    def breakers(self, at=None):
-        """Every task's breaker as users see it (an open one past its cooldown: half-open)."""
-        at = now() if at is None else at
-        return [{"task": r["task"], "state": effective_breaker_state(r, at),
-                 "failures": len(json.loads(r["failures"])), "opened_at": r["opened_at"],
-                 "cooldown_s": r["cooldown_s"], "trial_job_id": r["trial_job_id"]}
-                for r in self._read("SELECT * FROM breakers ORDER BY task")]
-
     def purge(self, older_than, *, at=None):
         """Delete final jobs that finished more than older_than ago, with their events and
         checkpoints. Returns how many jobs were deleted."""
@@ -1730,58 +1785,6 @@ class Queue(_Leases):
                 raise _translate(exc, self.path) from None
             finally:
                 self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
-
-    # -- status -------------------------------------------------------------------------
-
-    def status(self, at=None):
-        """Everything `status` shows, as one dict (the keys of `status --json`)."""
-        at = now() if at is None else at
-        stats = self.stats()
-        supervisors = self.live_supervisors(at)
-        served = set()
-        reported = {}                               # job id: what its supervisor reported
-        for sup in supervisors:
-            served.update(json.loads(sup["tasks"]))
-            reported.update((item["id"], item) for item in json.loads(sup["running"]))
-        running = [{
-            "id": r["id"], "task": r["task"], "priority": PRIORITY_NAMES[r["priority"]],
-            "started_at": r["started_at"], "attempts": r["attempts"],
-            "rss_bytes": reported.get(r["id"], {}).get("rss_bytes"),
-            "pid": reported.get(r["id"], {}).get("pid", r["pid"]),
-            "progress": (None if r["progress_done"] is None
-                         else {"done": r["progress_done"], "total": r["progress_total"]}),
-        } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
-        waiting = [r["task"] for r in self._read(
-            "SELECT DISTINCT task FROM jobs WHERE state = 'queued'")]
-        heartbeat = self._read("SELECT value FROM meta WHERE key = 'heartbeat_at'")
-        return {
-            "jobs": stats["jobs"],
-            "priorities": stats["priorities"],
-            "running": running,
-            "memory": self._memory_status(supervisors),
-            "breakers": {b["task"]: effective_breaker_state(b, at)
-                         for b in self._read("SELECT * FROM breakers ORDER BY task")},
-            "heartbeat_age": (None if not heartbeat
-                              else round(max(0.0, at - float(heartbeat[0]["value"])), 3)),
-            "supervisors": [{"id": s["id"], "pid": s["pid"], "level": s["level"],
-                             "pressure": s["pressure"], "heartbeat_age":
-                             round(at - s["heartbeat_at"], 3)} for s in supervisors],
-            "unserved": sorted(task for task in waiting if task not in served),
-            "max_depth": self.max_depth,
-        }
-
-    @staticmethod
-    def _memory_status(supervisors):
-        readings = [s for s in supervisors if s["pressure"] is not None]
-        if readings:
-            worst = max(readings, key=lambda s: (LEVELS.index(s["level"]), s["pressure"]))
-            memory = {"level": worst["level"], "pressure": round(worst["pressure"], 1)}
-        else:
-            memory = {"level": "normal", "pressure": round(MemoryProbe().machine_percent(), 1)}
-        psi = read_psi()
-        if psi is not None:
-            memory["psi"] = psi
-        return memory
 
 
 def _warn_if_unknown(rows):
