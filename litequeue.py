@@ -71,7 +71,8 @@ __version__ = "0.1.0"
 __all__ = (
     "Queue", "Supervisor", "Task", "Job", "Context",
     "Error", "BadInput", "UnknownTask", "BadPriority", "BadPayload", "JobNotFound",
-    "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable", "UsageError", "QueueClosed",
+    "InvalidState", "QueueFull", "LeaseLost", "DatabaseUnusable", "OutputRefused", "UsageError",
+    "QueueClosed",
     "StopRequested", "Permanent", "UnknownTaskWarning", "SupervisorOptions", "parse_size",
     "parse_duration", "main",
 )
@@ -139,6 +140,9 @@ SUPERVISOR_HEARTBEAT_S = 2.0    # lease renewal: one small write, not an fsync a
 WATCHDOG_EVERY_S = 5.0          # systemd's WATCHDOG=1 at most this often (or a quarter of
                                 # WatchdogSec when that is shorter)
 BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
+OUTPUT_DIR_SUFFIX = "-output"    # jobs.db -> jobs.db-output/<id>.log
+OUTPUT_MARKER = "--- litequeue:"  # opens the marker line of each attempt in a job's output
+DEFAULT_OUTPUT_LIMIT = "100M"   # one job's output; past it the job is stopped
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
 
 
@@ -193,6 +197,12 @@ class DatabaseUnusable(Error):
         super().__init__(message)
         self.orig = orig
         self.waitable = waitable    # busy, locked or full: it may pass; worth waiting out
+
+
+class OutputRefused(Error):
+    """A job output directory that is not safe to write through: a symlink, another user's,
+    or open to others."""
+    exit_code = EXIT_DB_UNUSABLE
 
 
 class UsageError(Error):
@@ -384,6 +394,60 @@ def format_bytes(n):
 
 def default_db_path():
     return os.environ.get("LITEQUEUE_DB") or "litequeue.db"
+
+
+def output_dir_of(db_path):
+    """Where a database keeps its jobs' output: `jobs.db` -> `jobs.db-output/`."""
+    return f"{db_path}{OUTPUT_DIR_SUFFIX}"
+
+
+def output_file_of(directory, job_id):
+    return os.path.join(directory, f"{int(job_id)}.log")
+
+
+def check_output_dir(path, *, create):
+    """Make sure `path` is an output directory safe to write through: a real directory (not a
+    symlink), ours, closed to others (it may hold what tasks print: secrets). Made mode 0700
+    when missing and `create`. Returns False when it is missing (and not made); raises
+    OutputRefused, or OSError when it cannot be made."""
+    import stat
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return False
+        with contextlib.suppress(FileExistsError):      # another process made it meanwhile
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputRefused(f"output directory {path} is a symlink: refused")
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputRefused(f"output directory {path} is not a directory: refused")
+    if st.st_uid != os.getuid():
+        raise OutputRefused(f"output directory {path} is owned by uid {st.st_uid}, not "
+                            f"{os.getuid()}: refused")
+    if st.st_mode & 0o077:
+        raise OutputRefused(f"output directory {path} is open to others (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}; make it 0700): refused")
+    return True
+
+
+def attempt_marker(job, at):
+    """The line that opens each attempt's output: which attempt, and why it started (derived
+    from the row: attempts used, preemptions, a checkpoint to resume from)."""
+    import datetime
+    resumed = " from its checkpoint" if job.checkpoint is not None else ""
+    if job.attempts > 1:
+        why = f"retry{resumed}"
+    elif job.preemptions:
+        why = f"resumed after preemption{resumed or ' (no checkpoint)'}"
+    elif job.checkpoint is not None or job.recoveries:
+        why = f"resumed after a stop{resumed}"
+    else:
+        why = "first run"
+    when = datetime.datetime.fromtimestamp(at).isoformat(timespec="seconds")
+    return (f"{OUTPUT_MARKER} job {job.id} {job.task} attempt {job.attempts}/"
+            f"{job.max_attempts}: {why} ({when}, pid {os.getpid()}) ---\n").encode()
 
 
 # ======================================================================================
@@ -762,6 +826,17 @@ class Context:
         if self._stop_asked:
             raise StopRequested()
 
+    def emit(self, data):
+        """Append `data` (str, written as UTF-8, or bytes) to the job's output and flush: in a
+        child, fd 1 is the job's output file; nothing is kept back beyond this one write."""
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            raise BadInput(f"ctx.emit takes str or bytes, not {type(data).__name__}")
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()           # whatever print() left buffered goes first
+        _write_all(1, data)
+
     def progress(self, done, total=None):
         """Report progress for `status` (sent at most every PROGRESS_EVERY_S, and the last)."""
         done, total = float(done), None if total is None else float(total)
@@ -770,6 +845,12 @@ class Context:
                 total is not None and done >= total):
             self._progress_sent_tick = tick
             self._reporter.progress(self.job, done, total)
+
+
+def _write_all(fd, data):
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class _QueueReporter:
@@ -1378,6 +1459,7 @@ class _Operator(_Leases):
             "started_at": r["started_at"], "attempts": r["attempts"],
             "rss_bytes": reported.get(r["id"], {}).get("rss_bytes"),
             "pid": reported.get(r["id"], {}).get("pid", r["pid"]),
+            "output_bytes": self.output_bytes(r["id"]),
             "progress": (None if r["progress_done"] is None
                          else {"done": r["progress_done"], "total": r["progress_total"]}),
         } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
@@ -1399,6 +1481,50 @@ class _Operator(_Leases):
             "unserved": sorted(task for task in waiting if task not in served),
             "max_depth": self.max_depth,
         }
+
+    # -- job output (see the child section: fds 1 and 2 of a job's child are its file) ----
+
+    @property
+    def output_dir(self):
+        return output_dir_of(self.path)
+
+    def output_path(self, job_id):
+        """The job's output file, or None when it has none (it never ran, or was purged);
+        JobNotFound for no such job, OutputRefused for an unsafe output directory."""
+        job_id = self.get(job_id).id
+        if not check_output_dir(self.output_dir, create=False):
+            return None
+        path = output_file_of(self.output_dir, job_id)
+        return path if os.path.isfile(path) else None
+
+    def output(self, job_id, offset=0):
+        """The job's output from byte `offset` on (b"" when it has none). Read in one piece:
+        for a large output, read output_path() in chunks (as `jobs output` does)."""
+        path = self.output_path(job_id)
+        if path is None:
+            return b""
+        with open(path, "rb") as f:
+            f.seek(max(0, int(offset)))
+            return f.read()
+
+    def output_bytes(self, job_id):
+        """The size of a job's output file (None when it has none); no checks, a stat."""
+        try:
+            return os.stat(output_file_of(self.output_dir, job_id)).st_size
+        except OSError:
+            return None
+
+    def _remove_outputs(self, job_ids):
+        """Delete the output files of jobs just purged; never through an unsafe directory."""
+        try:
+            if not check_output_dir(self.output_dir, create=False):
+                return
+        except OutputRefused as exc:
+            log.warning("purge: %s; outputs left in place", exc)
+            return
+        for job_id in job_ids:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(output_file_of(self.output_dir, job_id))
 
     @staticmethod
     def _memory_status(supervisors):
@@ -1750,8 +1876,8 @@ class Queue(_Operator):
         return job.id
 
     def purge(self, older_than, *, at=None):
-        """Delete final jobs that finished more than older_than ago, with their events and
-        checkpoints. Returns how many jobs were deleted."""
+        """Delete final jobs that finished more than older_than ago, with their events,
+        checkpoints and output files. Returns how many jobs were deleted."""
         cutoff = (now() if at is None else at) - parse_duration(older_than, "older_than")
         deleted = 0
         while True:     # in batches, so producers never wait long for the write lock
@@ -1765,6 +1891,7 @@ class Queue(_Operator):
                     self.conn.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
                 self.conn.execute("DELETE FROM events WHERE job_id IS NULL AND at < ?",
                                   (cutoff,))
+            self._remove_outputs(ids)     # after the commit: a failed purge keeps them all
             deleted += len(ids)
             if len(ids) < 2000:
                 break
@@ -2290,11 +2417,12 @@ FAILED_ERROR, FAILED_PERMANENT = "error", "permanent"     # the KIND of an F lin
 class ChildSpec:
     """What every child of a supervisor needs, set before the first fork."""
 
-    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child")
+    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child", "output_dir")
 
-    def __init__(self, parent_pid, prctl, tasks, jobs_per_child):
+    def __init__(self, parent_pid, prctl, tasks, jobs_per_child, output_dir=None):
         self.parent_pid, self.prctl = parent_pid, prctl
         self.tasks, self.jobs_per_child = tasks, jobs_per_child
+        self.output_dir = output_dir    # None: output is discarded
 
 
 def _die_with_parent(spec):
@@ -2327,6 +2455,47 @@ def _limit_memory(limit_bytes, *, hard):
     ceiling = _data_bytes() + limit_bytes
     resource.setrlimit(which, (ceiling, ceiling if hard else resource.getrlimit(which)[1]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))       # no core dumps on an SD card
+
+
+def _redirect_output(output_dir, job):
+    """Make fds 1 and 2 the job's output file (appended to, made 0600), so that print,
+    tracebacks, logging to stderr and the programs the task starts all land there, in order;
+    then write the attempt's marker line. Where the file cannot be opened (the directory
+    is gone, refused, the disk full) the output goes to /dev/null and the job still runs.
+    Returns why it could not be kept, or None."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()                 # what the supervisor's side left goes where it was
+    problem = None
+    try:
+        if output_dir is None:
+            raise OutputRefused("no output directory")
+        if not check_output_dir(output_dir, create=False):
+            raise FileNotFoundError(f"output directory {output_dir} is missing")
+        fd = os.open(output_file_of(output_dir, job.id),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except (OSError, OutputRefused) as exc:
+        problem = f"job output discarded: {exc}"
+        fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    for target in (1, 2):
+        os.dup2(fd, target)                # dup2 clears O_CLOEXEC: programs inherit 1 and 2
+    os.close(fd)
+    if not getattr(sys.stdout, "_litequeue_output", False):
+        # Unbuffered text streams over fds 1 and 2: a print() is in the file before the
+        # next line of the task runs, so it interleaves in order with what subprocesses
+        # write to the same fds (Python's own buffer would hold it back until exit).
+        import io
+        for name, fd_ in (("stdout", 1), ("stderr", 2)):
+            stream = io.TextIOWrapper(io.FileIO(fd_, "w", closefd=False), encoding="utf-8",
+                                      errors="backslashreplace", write_through=True)
+            stream._litequeue_output = True
+            setattr(sys, name, stream)
+    try:
+        _write_all(1, attempt_marker(job, now()))
+    except OSError as exc:                 # a full disk: the task will meet it too
+        problem = problem or f"job output: {exc}"
+    return problem
 
 
 def _call_task(fn, ctx, payload):
@@ -2499,6 +2668,7 @@ def _run_job(job, spec, link, signals, memory_limit_bytes):
     """Run one job's task. Returns (True, result as JSON) when it returned; (False, None)
     when it raised, after saying so."""
     import traceback
+    output_problem = _redirect_output(spec.output_dir, job)
     ctx = signals.ctx = Context(None, job, None, reporter=_PipeReporter(link))
     if signals.asked:
         ctx.ask_stop()
@@ -2519,6 +2689,10 @@ def _run_job(job, spec, link, signals, memory_limit_bytes):
         error = traceback.format_exc()
     finally:
         signals.ctx = None
+    with contextlib.suppress(OSError):      # the output reads in order, its end included
+        _write_all(2, f"{error.rstrip()}\n".encode("utf-8", "backslashreplace"))
+    if output_problem:
+        error = f"{error.rstrip()}\n({output_problem})"
     link.say(SAY_FAILED, job.id, kind, json.dumps(_clipped(error.rstrip())).encode())
     return False, None
 
@@ -2621,9 +2795,10 @@ def builtin_tasks(queue, demos=False):
 # Why a run is stopped, as the supervisor decides it and the job's events record it.
 STOP_PREEMPT, STOP_EMERGENCY, STOP_SHUTDOWN, STOP_CANCEL = (
     "preempt", "emergency", "shutdown", "cancel")
-STOP_TIMEOUT, STOP_MEMORY, STOP_START, STOP_BROKEN = "timeout", "memory", "start", "broken"
+STOP_TIMEOUT, STOP_MEMORY, STOP_START, STOP_BROKEN, STOP_OUTPUT = (
+    "timeout", "memory", "start", "broken", "output")
 STOPPING_FOR_MEMORY = (STOP_PREEMPT, STOP_EMERGENCY)
-FAILING_STOPS = (STOP_TIMEOUT, STOP_MEMORY, STOP_START, STOP_BROKEN)   # the job's own fault
+FAILING_STOPS = (STOP_TIMEOUT, STOP_MEMORY, STOP_START, STOP_BROKEN, STOP_OUTPUT)  # its own fault
 # A pooled child whose jobs are short is handed its next jobs ahead of time, so it goes from
 # one to the next without waiting for the supervisor's commit: as many as its last job's
 # run time says fit in AHEAD_WORK_S, at most AHEAD_JOBS. Only jobs of tasks whose last job
@@ -2637,11 +2812,12 @@ class SupervisorOptions:
 
     __slots__ = ("slots", "jobs_per_child", "memory_limit_bytes", "memory_budget_bytes",
                  "poll_s", "thresholds", "margin", "hold_s", "grace_s", "keep_s", "burst",
-                 "notice_s", "start_deadline_s")
+                 "notice_s", "start_deadline_s", "output_limit_bytes")
 
     def __init__(self, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
-                 jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S):
+                 jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S,
+                 output_limit=DEFAULT_OUTPUT_LIMIT):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
         self.memory_limit_bytes = parse_size(memory_limit, "--memory-limit")
@@ -2655,6 +2831,7 @@ class SupervisorOptions:
         self.burst = bool(burst)
         self.notice_s = parse_duration(notice, "notice", allow_zero=False)
         self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
+        self.output_limit_bytes = parse_size(output_limit, "--output-limit")
 
     def level_tracker(self):
         return LevelTracker(self.thresholds, self.margin, self.hold_s)
@@ -2684,15 +2861,16 @@ class RunFacts:
     """What the limit and ending decisions need to know of one run."""
 
     __slots__ = ("own_bytes", "limit_bytes", "started", "age_s", "timeout_s", "stop_reason",
-                 "detail", "kill_at_tick", "killed")
+                 "detail", "kill_at_tick", "killed", "output_bytes", "output_limit_bytes")
 
     def __init__(self, own_bytes=0, limit_bytes=DEFAULT_MEMORY_LIMIT_BYTES, started=True,
                  age_s=0.0, timeout_s=None, stop_reason=None, detail=None, kill_at_tick=None,
-                 killed=False):
+                 killed=False, output_bytes=0, output_limit_bytes=None):
         self.own_bytes, self.limit_bytes, self.started = own_bytes, limit_bytes, started
         self.age_s, self.timeout_s = age_s, timeout_s
         self.stop_reason, self.detail = stop_reason, detail
         self.kill_at_tick, self.killed = kill_at_tick, killed
+        self.output_bytes, self.output_limit_bytes = output_bytes, output_limit_bytes
 
 
 class Verdict:
@@ -2712,9 +2890,9 @@ class Verdict:
 def limits_verdict(run, tick, *, grace_s, start_deadline_s):
     """What a run's limits call for at `tick`, or None. Its memory first (over the limit:
     killed, and that is why it ends, unless it was being cancelled), then a child that never
-    started its task (hung after fork), then its timeout (SIGTERM lets the task stop at a
-    checkpoint, kept for its retry; SIGKILL after a short grace), then a stop asked earlier
-    whose grace ran out (killed, keeping the reason it was asked for)."""
+    started its task (hung after fork), then its timeout and its output limit (SIGTERM lets
+    the task stop at a checkpoint, kept for its retry; SIGKILL after a short grace), then a
+    stop asked earlier whose grace ran out (killed, keeping the reason it was asked for)."""
     if run.killed:
         return None
     if run.own_bytes > run.limit_bytes:
@@ -2729,6 +2907,10 @@ def limits_verdict(run, tick, *, grace_s, start_deadline_s):
     if run.timeout_s is not None and run.stop_reason is None and run.age_s > run.timeout_s:
         return Verdict("term", STOP_TIMEOUT, f"timeout after {run.timeout_s:g}s",
                        tick + min(grace_s, 5.0))
+    if (run.output_limit_bytes is not None and run.stop_reason is None
+            and run.output_bytes > run.output_limit_bytes):
+        return Verdict("term", STOP_OUTPUT, f"output limit exceeded "
+                       f"({run.output_limit_bytes / MiB:g} MiB)", tick + min(grace_s, 5.0))
     if run.kill_at_tick is not None and tick >= run.kill_at_tick:
         return Verdict("kill", run.stop_reason, f"{run.detail}: no checkpoint within the grace")
     return None
@@ -2816,7 +2998,7 @@ class _Run:
     __slots__ = ("job", "child", "memory_limit_bytes", "handed_tick", "started_tick",
                  "baseline_bytes", "stop_reason", "detail", "kill_at_tick", "killed",
                  "rss_bytes", "saved", "checkpoint", "ack_owed", "progress", "reported",
-                 "ending", "lease_lost", "forked", "cancel_asked")
+                 "ending", "lease_lost", "forked", "cancel_asked", "output_bytes")
 
     def __init__(self, job, child, memory_limit_bytes, handed_tick, baseline_bytes=0):
         self.job, self.child, self.memory_limit_bytes = job, child, memory_limit_bytes
@@ -2839,12 +3021,14 @@ class _Run:
         self.lease_lost = False     # the file says another owner has it now
         self.forked = False         # its child was forked for it (not handed it later)
         self.cancel_asked = False   # someone asked to cancel it: stopped once it is current
+        self.output_bytes = 0       # its size at the last memory poll
 
-    def facts(self, tick):
+    def facts(self, tick, output_limit_bytes=None):
         started_tick = self.started_tick if self.started_tick is not None else self.handed_tick
         return RunFacts(self.rss_bytes - self.baseline_bytes, self.memory_limit_bytes,
                         self.started_tick is not None, tick - started_tick, self.job.timeout_s,
-                        self.stop_reason, self.detail, self.kill_at_tick, self.killed)
+                        self.stop_reason, self.detail, self.kill_at_tick, self.killed,
+                        self.output_bytes, output_limit_bytes)
 
     def view(self):
         return RunningView(self.job.id, self.job.priority_value, self.rss_bytes,
@@ -3216,8 +3400,11 @@ class Supervisor:
         self.id = f"{os.uname().nodename}:{os.getpid()}:{random.randrange(1 << 32):08x}"
         self.host = host_identity()
         self.pressure = None
+        self.output_dir = output_dir_of(queue.path)
+        self._output_problem = None      # why job output cannot be kept now (said once)
         import multiprocessing
-        self.pool = ChildPool(ChildSpec(os.getpid(), None, self.tasks, self.options.jobs_per_child),
+        self.pool = ChildPool(ChildSpec(os.getpid(), None, self.tasks, self.options.jobs_per_child,
+                                        self.output_dir),
                               multiprocessing.get_context("fork"))
         self._runs = {}                 # job id -> _Run, from its claim to its ending committed
         self._events = []               # decisions to record with the next commit
@@ -3353,6 +3540,8 @@ class Supervisor:
         wanted = self.dispatch.wanted(tick, self._stopping) if (written or polled or freed) else 0
         # act
         claimed = self._commit(at, wanted)
+        if claimed:
+            self._prepare_output()
         self.dispatch.hand_out(claimed, tick)
         self.pool.flush_all()                   # what a full pipe held back before
         self._finish_if_done(at)
@@ -3388,6 +3577,31 @@ class Supervisor:
         run.ending = run_ending(run.reported, current=current, stop_reason=run.stop_reason,
                                 detail=run.detail, exit_code=exit_code, saved=run.saved,
                                 started=run.started_tick is not None)
+        if run.ending.state == ENDING_FAILED and run.reported is None and self._output_problem:
+            run.ending.reason += f"\n(job output discarded: {self._output_problem})"
+
+    def _prepare_output(self):
+        """Before jobs are handed out: the output directory, made if missing (also when it
+        was deleted while we ran). A problem with it is said once in the log; meanwhile
+        jobs run with their output discarded (their child finds it unusable too)."""
+        try:
+            check_output_dir(self.output_dir, create=True)
+            problem = None
+        except (OSError, OutputRefused) as exc:
+            problem = str(exc)
+        if problem != self._output_problem:
+            if problem is not None:
+                log.error("job output: %s; jobs run with their output discarded", problem)
+            else:
+                log.info("job output kept in %s", self.output_dir)
+        self._output_problem = problem
+
+    def _output_bytes(self, run):
+        """The size of a run's output file now (a stat: cheap enough for every poll)."""
+        try:
+            return os.stat(output_file_of(self.output_dir, run.job.id)).st_size
+        except OSError:                   # not made yet, or its directory was deleted
+            return run.output_bytes
 
     def _poll_memory(self, at, tick):
         reading = self.probe.read([child.pid for child in self.pool.children])
@@ -3402,6 +3616,7 @@ class Supervisor:
         for child in self.pool.children:
             if child.current is not None:
                 child.current.rss_bytes = job_rss_bytes(child.pid) or child.current.rss_bytes
+                child.current.output_bytes = self._output_bytes(child.current)
         self._apply_memory_plan(level, reading.pressure, at, tick)
 
     def _housekeeping(self, at, tick):
@@ -3471,9 +3686,11 @@ class Supervisor:
                 log.info("job %d shed at %.1f%% memory pressure", job_id, pressure)
 
     def _enforce_limits(self, tick):
-        """Per-job memory limit, start deadline and timeout; SIGKILL for a stop past its grace."""
+        """Per-job memory limit, start deadline, timeout and output limit; SIGKILL for a stop
+        past its grace."""
         for run in self._live_runs():
-            verdict = limits_verdict(run.facts(tick), tick, grace_s=self.grace_s,
+            verdict = limits_verdict(run.facts(tick, self.options.output_limit_bytes), tick,
+                                     grace_s=self.grace_s,
                                      start_deadline_s=self.options.start_deadline_s)
             if verdict is None:
                 continue
@@ -3946,6 +4163,51 @@ def format_status(status, path):
     return "\n".join(lines)
 
 
+def _tail_offset(f, size, lines, block=1 << 16):
+    """Where the last `lines` lines of an open file of `size` bytes begin (a last line
+    without its newline counts), read backwards a block at a time."""
+    if lines == 0:
+        return size
+    position, found = size, 0
+    f.seek(max(0, size - 1))
+    skip_last = f.read(1) == b"\n"       # the newline ending the last line ends no line before
+    while position > 0:
+        start = max(0, position - block)
+        f.seek(start)
+        chunk = f.read(position - start)
+        end = len(chunk) - 1 if skip_last and position == size else len(chunk)
+        index = chunk.rfind(b"\n", 0, end)
+        while index >= 0:
+            found += 1
+            if found == lines:
+                return start + index + 1
+            index = chunk.rfind(b"\n", 0, index)
+        position = start
+    return 0
+
+
+def print_output(queue, job_id, *, follow=False, tail=None, out, poll_s=0.1):
+    """Copy a job's output to `out` (a binary stream) in chunks, never whole in memory; with
+    follow, keep copying as it grows until the job is final (then what it wrote last)."""
+    offset = None
+    while True:
+        final = follow and queue.get(job_id).state in FINAL_STATES   # before the last read
+        path = queue.output_path(job_id)
+        if path is not None:
+            with open(path, "rb") as f:
+                if offset is None:
+                    size = os.fstat(f.fileno()).st_size
+                    offset = 0 if tail is None else _tail_offset(f, size, tail)
+                f.seek(offset)
+                while chunk := f.read(1 << 16):
+                    out.write(chunk)
+                    offset += len(chunk)
+                out.flush()
+        if not follow or final:
+            return
+        time.sleep(poll_s)
+
+
 def format_event(event):
     """One line of the `events` table: when (local time), job, task, kind, change, reason,
     pressure."""
@@ -3996,6 +4258,8 @@ def _build_cli():
                   help="jobs one child may run before it is replaced; above 1, a child is "
                        "reused after a clean finish and each job's memory limit is a soft rlimit")
     @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
+    @click.option("--output-limit", default=DEFAULT_OUTPUT_LIMIT, show_default=True,
+                  help="one job's output; a job writing past it is stopped")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")
     @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True)
@@ -4004,8 +4268,8 @@ def _build_cli():
     @click.option("--log-level", default="info", show_default=True,
                   type=click.Choice(["debug", "info", "warning", "error"]))
     def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
-              grace, keep, jobs_per_child, burst, durability, breaker_failures, breaker_window,
-              breaker_cooldown, log_level):
+              grace, keep, jobs_per_child, burst, output_limit, durability, breaker_failures,
+              breaker_window, breaker_cooldown, log_level):
         """Run the supervisor."""
         try:
             levels = [float(t) for t in thresholds.split(",")]
@@ -4018,7 +4282,8 @@ def _build_cli():
         options = SupervisorOptions(slots=slots, memory_limit=memory_limit,
                                     memory_budget=memory_budget, poll=poll, thresholds=levels,
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
-                                    jobs_per_child=jobs_per_child, burst=burst)
+                                    jobs_per_child=jobs_per_child, burst=burst,
+                                    output_limit=output_limit)
         tasks, app_files = load_app_with_files(app) if app else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:
@@ -4030,6 +4295,10 @@ def _build_cli():
                        f"can hang (it is then killed after {CHILD_START_DEADLINE_S:g}s). Start "
                        f"threads inside tasks instead.", err=True)
         queue = Queue(db, durable=durability == "full", breaker=policy)
+        try:            # an unsafe directory is refused here (exit 4); one that cannot be
+            check_output_dir(queue.output_dir, create=True)    # made is the log's to say
+        except OSError:
+            pass
         if tasks is None:
             tasks = builtin_tasks(queue, demos=True)
         import logging
@@ -4106,7 +4375,22 @@ def _build_cli():
         """One job and its events, as JSON."""
         queue = Queue(db, create=False)
         job = queue.get(job_id)
-        echo_json({**job.to_dict(), "events": queue.events(job_id=job.id)})
+        echo_json({**job.to_dict(), "output_bytes": queue.output_bytes(job.id),
+                   "events": queue.events(job_id=job.id)})
+
+    @jobs.command("output")
+    @db_option
+    @click.argument("job_id")
+    @click.option("--follow", "-f", is_flag=True,
+                  help="keep printing as it grows; exit 0 once the job is final")
+    @click.option("--tail", type=int, help="only the last N lines")
+    def jobs_output(db, job_id, follow, tail):
+        """Print a job's output (its bytes as written)."""
+        if tail is not None and tail < 0:
+            raise BadInput(f"--tail {tail}: a number of lines, 0 or more")
+        queue = Queue(db, create=False)
+        job = queue.get(job_id)
+        print_output(queue, job.id, follow=follow, tail=tail, out=sys.stdout.buffer)
 
     @jobs.command("cancel")
     @db_option

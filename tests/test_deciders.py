@@ -11,7 +11,8 @@ import pytest
 import litequeue
 from litequeue import (CANCELLED, DONE, ENDING_FAILED, ENDING_REQUEUED, EXIT_CHILD_STOPPED,
                        FAILED_ERROR, FAILED_PERMANENT, STOP_CANCEL, STOP_EMERGENCY,
-                       STOP_MEMORY, STOP_PREEMPT, STOP_SHUTDOWN, STOP_START, STOP_TIMEOUT,
+                       STOP_MEMORY, STOP_OUTPUT, STOP_PREEMPT, STOP_SHUTDOWN, STOP_START,
+                       STOP_TIMEOUT,
                        Ending, RunFacts, ahead_wanted, claimable_priorities, limits_verdict,
                        run_ending, shutdown_stops)
 from conftest import wait_for
@@ -58,6 +59,17 @@ def verdict(tick=100.0, **facts):
     (dict(stop_reason=STOP_CANCEL, kill_at_tick=99.0), ("kill", STOP_CANCEL, None)),
     (dict(stop_reason=STOP_TIMEOUT, kill_at_tick=99.0, timeout_s=1.0, age_s=9),
      ("kill", STOP_TIMEOUT, None)),
+    # the output limit: stopped like a timeout, at the limit still fits, none set: no limit
+    (dict(output_bytes=100 * MiB, output_limit_bytes=100 * MiB), None),
+    (dict(output_bytes=100 * MiB + 1, output_limit_bytes=100 * MiB), ("term", STOP_OUTPUT, 105.0)),
+    (dict(output_bytes=1 << 40), None),
+    # memory first, and an output limit does not overtake another stop already asked
+    (dict(output_bytes=200 * MiB, output_limit_bytes=100 * MiB, own_bytes=500 * MiB,
+          limit_bytes=100 * MiB), ("kill", STOP_MEMORY, None)),
+    (dict(output_bytes=200 * MiB, output_limit_bytes=100 * MiB, stop_reason=STOP_CANCEL,
+          kill_at_tick=200.0), None),
+    (dict(stop_reason=STOP_OUTPUT, kill_at_tick=99.0, output_bytes=200 * MiB,
+          output_limit_bytes=100 * MiB), ("kill", STOP_OUTPUT, None)),
 ])
 def test_limits_verdict(facts, expected):
     assert verdict(**facts) == expected
@@ -67,6 +79,15 @@ def test_a_short_grace_bounds_the_timeout_kill():
     found = limits_verdict(RunFacts(timeout_s=1.0, age_s=2.0), 50.0, grace_s=2.0,
                            start_deadline_s=START)
     assert (found.action, found.kill_at_tick) == ("term", 52.0)
+
+
+def test_an_output_stop_names_the_limit_and_fails_the_job():
+    found = limits_verdict(RunFacts(output_bytes=3 * MiB, output_limit_bytes=2 * MiB), 1.0,
+                           grace_s=GRACE, start_deadline_s=START)
+    assert found.detail == "output limit exceeded (2 MiB)"
+    assert run_ending(None, current=True, stop_reason=STOP_OUTPUT, detail=found.detail,
+                      exit_code=EXIT_CHILD_STOPPED, saved=True) == Ending(
+        ENDING_FAILED, "output limit exceeded (2 MiB)")
 
 
 def test_a_grace_kill_says_why_it_was_asked_to_stop():
