@@ -2331,13 +2331,16 @@ def _limit_memory(limit_bytes, *, hard):
 
 def _call_task(fn, ctx, payload):
     """Run a task. A dict payload becomes keyword arguments. A generator task checkpoints
-    at every `yield state`, which is also a safe point to stop."""
+    at every `yield state`, which is also a safe point to stop. An `async def` task (or
+    async generator) runs on a fresh event loop (see _run_async)."""
     if isinstance(payload, dict):
         out = fn(ctx, **payload)
     elif payload is None:
         out = fn(ctx)
     else:
         out = fn(ctx, payload)
+    if hasattr(out, "__await__") or hasattr(out, "__anext__"):
+        return _run_async(out, ctx)
     if hasattr(out, "__next__") and hasattr(out, "send"):
         try:
             while True:
@@ -2345,6 +2348,37 @@ def _call_task(fn, ctx, payload):
         except StopIteration as stop:
             return stop.value
     return out
+
+
+def _run_async(out, ctx):
+    """Run an awaitable or an async generator to its end on a fresh event loop; this child
+    runs one job at a time, so the loop is the task's alone. ctx.save blocks the loop for its
+    pipe round trip to the supervisor (a group commit, milliseconds), and the task's other
+    coroutines pause with it: acceptable, as a save is a point where the task waits for its
+    state to be durable, and one save at a time keeps the child's pipe protocol simple.
+    A stop asked at ctx.save raises StopRequested, a BaseException: the loop's Task keeps it
+    as the task's exception and asyncio.run raises it again as itself, after cancelling
+    whatever else the task left running (checked on 3.11, and by the preemption test in
+    tests/test_async_tasks.py), so the child exits stopped and the job is requeued. The
+    supervisor's SIGUSR1 and systemd's SIGTERM interrupt the loop's select and run
+    _ChildSignals.handle, so ctx.stopping turns True while the task awaits."""
+    import asyncio
+    if hasattr(out, "__anext__"):
+        return asyncio.run(_checkpoint_async_yields(out, ctx))
+    return asyncio.run(_awaited(out))
+
+
+async def _awaited(awaitable):
+    return await awaitable        # asyncio.run takes only a coroutine, not any awaitable
+
+
+async def _checkpoint_async_yields(agen, ctx):
+    """An async generator task checkpoints at every `yield state`, as a generator task does."""
+    try:
+        async for state in agen:
+            ctx.save(state)
+    finally:
+        await agen.aclose()        # its own `finally` blocks run before the loop closes
 
 
 class _ChildSignals:
