@@ -610,6 +610,39 @@ def _rows(cursor):
     return out
 
 
+class _DirectoryWatch:
+    """inotify on the database's directory (Linux): readable whenever a process writes the
+    WAL, so an idle supervisor notices new work at once without polling the file 100 times a
+    second. open() returns None where inotify is unavailable."""
+
+    IN_MODIFY, IN_CREATE, IN_NONBLOCK, IN_CLOEXEC = 0x2, 0x100, 0o4000, 0o2000000
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path, libc):
+        try:
+            fd = libc.inotify_init1(cls.IN_NONBLOCK | cls.IN_CLOEXEC)
+            if fd < 0:
+                return None
+            directory = os.fsencode(os.path.dirname(os.path.abspath(path)))
+            if libc.inotify_add_watch(fd, directory, cls.IN_MODIFY | cls.IN_CREATE) < 0:
+                os.close(fd)
+                return None
+            return cls(fd)
+        except (AttributeError, OSError):
+            return None
+
+    def drain(self):
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self.fd, 65536):
+                pass
+
+    def close(self):
+        os.close(self.fd)
+
+
 # ======================================================================================
 # Jobs, tasks and the task context
 # ======================================================================================
@@ -3720,39 +3753,6 @@ class _Sleeper:
         os.close(self.wakeup_w)
         if self.watch is not None:
             self.watch.close()
-
-
-class _DirectoryWatch:
-    """inotify on the database's directory (Linux): readable whenever a process writes the
-    WAL, so an idle supervisor notices new work at once without polling the file 100 times a
-    second. open() returns None where inotify is unavailable."""
-
-    IN_MODIFY, IN_CREATE, IN_NONBLOCK, IN_CLOEXEC = 0x2, 0x100, 0o4000, 0o2000000
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    @classmethod
-    def open(cls, path, libc):
-        try:
-            fd = libc.inotify_init1(cls.IN_NONBLOCK | cls.IN_CLOEXEC)
-            if fd < 0:
-                return None
-            directory = os.fsencode(os.path.dirname(os.path.abspath(path)))
-            if libc.inotify_add_watch(fd, directory, cls.IN_MODIFY | cls.IN_CREATE) < 0:
-                os.close(fd)
-                return None
-            return cls(fd)
-        except (AttributeError, OSError):
-            return None
-
-    def drain(self):
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self.fd, 65536):
-                pass
-
-    def close(self):
-        os.close(self.fd)
 
 
 class _SystemdNotifier:
