@@ -146,4 +146,5 @@ def test_cli_enqueue_wait_that_runs_out_exits_3_in_one_line(full):
 def test_cli_enqueue_bad_wait_exits_2(full):
     result = run_cli("enqueue", "echo", "--wait", "later", db=full.path)
     assert result.returncode == 2
-    assert "--wait" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "--wait: 'later' is not a duration" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
