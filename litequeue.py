@@ -127,6 +127,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MEMORY_LIMIT_BYTES = 400 * MiB
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
+ROOM_WAIT_FIRST_S, ROOM_WAIT_MAX_S = 0.01, 0.5   # a producer waiting on a full queue tries
+                                                 # again after this, doubling up to that
 MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
 MAX_ERROR_CHARS = 64 * 1024      # a job's error text: its start and its end beyond this
 MAX_NAME_CHARS = 200             # task names and unique keys
@@ -672,6 +674,40 @@ def _rows(cursor):
             names = [d[0] for d in cursor.get_description()]
         out.append(dict(zip(names, row)))
     return out
+
+
+class _DirectoryWatch:
+    """inotify on the database's directory (Linux): readable whenever a process writes the
+    WAL, so an idle supervisor notices new work, and a producer waiting on a full queue
+    notices room, at once without polling the file 100 times a second. open() returns None
+    where inotify is unavailable."""
+
+    IN_MODIFY, IN_CREATE, IN_NONBLOCK, IN_CLOEXEC = 0x2, 0x100, 0o4000, 0o2000000
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path, libc):
+        try:
+            fd = libc.inotify_init1(cls.IN_NONBLOCK | cls.IN_CLOEXEC)
+            if fd < 0:
+                return None
+            directory = os.fsencode(os.path.dirname(os.path.abspath(path)))
+            if libc.inotify_add_watch(fd, directory, cls.IN_MODIFY | cls.IN_CREATE) < 0:
+                os.close(fd)
+                return None
+            return cls(fd)
+        except (AttributeError, OSError):
+            return None
+
+    def drain(self):
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self.fd, 65536):
+                pass
+
+    def close(self):
+        os.close(self.fd)
 
 
 # ======================================================================================
@@ -1669,13 +1705,18 @@ class Queue(_Operator):
     # -- enqueue ------------------------------------------------------------------------
 
     def enqueue(self, task, payload=None, *, priority=None, unique=None, delay=None, ttl=None,
-                max_attempts=None, timeout=None, memory_limit=None):
+                max_attempts=None, timeout=None, memory_limit=None, wait=None):
         """Add a job and return its id (or the id of the waiting job holding the same unique
-        key). Raises QueueFull when max_depth jobs are queued."""
-        at = now()
+        key). Raises QueueFull when max_depth jobs are queued; with `wait` (seconds, "30s"),
+        only once up to that long went by without another process making room."""
+        wait_s = _checked_wait(wait)
         checked = _checked_input(task, payload, priority=priority, unique=unique, delay=delay,
                                  ttl=ttl, max_attempts=max_attempts, timeout=timeout,
                                  memory_limit=memory_limit)
+        return self._when_room(wait_s, lambda: self._enqueue_checked(checked))
+
+    def _enqueue_checked(self, checked):
+        at = now()
         with self._tx():
             row = self._job_row(*checked, at)
             existing = self._holder_of(row["unique_key"], at)
@@ -1686,19 +1727,26 @@ class Queue(_Operator):
         return job_id if existing is None else existing
 
     async def aenqueue(self, task, payload=None, *, priority=None, unique=None, delay=None,
-                       ttl=None, max_attempts=None, timeout=None, memory_limit=None):
+                       ttl=None, max_attempts=None, timeout=None, memory_limit=None,
+                       wait=None):
         """enqueue() for asyncio code: the same, run in a worker thread, so the event loop
-        goes on while the commit waits for its fsync."""
+        goes on while the commit waits for its fsync, or the producer for room."""
         import asyncio
         return await asyncio.to_thread(
             self.enqueue, task, payload, priority=priority, unique=unique, delay=delay,
-            ttl=ttl, max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
+            ttl=ttl, max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit,
+            wait=wait)
 
-    def enqueue_many(self, jobs):
+    def enqueue_many(self, jobs, *, wait=None):
         """Enqueue a batch in one transaction; all or nothing. Each item is a task name, a
-        (task, payload) pair, or a dict of enqueue's arguments. Returns the ids in order."""
-        at = now()
+        (task, payload) pair, or a dict of enqueue's arguments. Returns the ids in order.
+        `wait`: as enqueue's, for room for the whole batch."""
+        wait_s = _checked_wait(wait)
         checked = [_checked_input(**self._as_enqueue_args(item)) for item in jobs]
+        return self._when_room(wait_s, lambda: self._enqueue_many_checked(checked))
+
+    def _enqueue_many_checked(self, checked):
+        at = now()
         with self._tx():
             rows = [self._job_row(*item, at) for item in checked]
             ids, new_rows, first_with_key = [None] * len(rows), [], {}
@@ -1717,6 +1765,24 @@ class Queue(_Operator):
                     ids[index] = ids[first_with_key[row["unique_key"]]]
         _warn_if_unknown(rows)
         return ids
+
+    def _when_room(self, wait_s, enqueue):
+        """enqueue(), and while it raises QueueFull, again for up to wait_s seconds: the
+        producer pauses on a full queue (backpressure) rather than drop its job or spin."""
+        try:
+            return enqueue()
+        except QueueFull:
+            if not wait_s:
+                raise
+        deadline_tick = time.monotonic() + wait_s
+        with _RoomWatch(self.path) as watch:
+            while True:
+                watch.pause(deadline_tick - time.monotonic())
+                try:
+                    return enqueue()
+                except QueueFull as exc:
+                    if time.monotonic() >= deadline_tick:
+                        raise QueueFull(f"{exc} (still, after waiting {wait_s:g}s)") from None
 
     @staticmethod
     def _as_enqueue_args(item):
@@ -1912,6 +1978,45 @@ class Queue(_Operator):
                 raise _translate(exc, self.path) from None
             finally:
                 self.conn.set_busy_timeout(int(self.busy_timeout_s * 1000))
+
+
+def _checked_wait(wait, what="wait"):
+    """Seconds a producer may wait for room on a full queue: 0 for None."""
+    return 0.0 if wait is None else parse_duration(wait, what)
+
+
+class _RoomWatch:
+    """How a producer waits for room: until another process writes the file (inotify on its
+    directory; that write may be a job leaving the queue) or a backoff runs out, 10 ms
+    doubling to 0.5 s, whichever comes first; the backoff alone where inotify is missing.
+    A failed enqueue writes nothing, so our own tries never wake us. A write wakes us before
+    its commit is visible (see _Sleeper.sleep), and writes that make no room (a heartbeat,
+    progress) wake us too: after a wake, the backoff starts again from its shortest."""
+
+    def __init__(self, path):
+        import ctypes
+        self.watch = _DirectoryWatch.open(path, ctypes.CDLL(None, use_errno=True))
+        self.pause_s = ROOM_WAIT_FIRST_S
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.watch is not None:
+            self.watch.close()
+
+    def pause(self, left_s):
+        """Until a write, the backoff or left_s, whichever comes first."""
+        import select
+        timeout_s = max(0.0, min(self.pause_s, left_s))
+        if self.watch is None:
+            time.sleep(timeout_s)
+            woken = False
+        else:
+            woken = bool(select.select([self.watch.fd], [], [], timeout_s)[0])
+            if woken:
+                self.watch.drain()
+        self.pause_s = ROOM_WAIT_FIRST_S if woken else min(2 * self.pause_s, ROOM_WAIT_MAX_S)
 
 
 def _warn_if_unknown(rows):
@@ -2500,13 +2605,16 @@ def _redirect_output(output_dir, job):
 
 def _call_task(fn, ctx, payload):
     """Run a task. A dict payload becomes keyword arguments. A generator task checkpoints
-    at every `yield state`, which is also a safe point to stop."""
+    at every `yield state`, which is also a safe point to stop. An `async def` task (or
+    async generator) runs on a fresh event loop (see _run_async)."""
     if isinstance(payload, dict):
         out = fn(ctx, **payload)
     elif payload is None:
         out = fn(ctx)
     else:
         out = fn(ctx, payload)
+    if hasattr(out, "__await__") or hasattr(out, "__anext__"):
+        return _run_async(out, ctx)
     if hasattr(out, "__next__") and hasattr(out, "send"):
         try:
             while True:
@@ -2514,6 +2622,37 @@ def _call_task(fn, ctx, payload):
         except StopIteration as stop:
             return stop.value
     return out
+
+
+def _run_async(out, ctx):
+    """Run an awaitable or an async generator to its end on a fresh event loop; this child
+    runs one job at a time, so the loop is the task's alone. ctx.save blocks the loop for its
+    pipe round trip to the supervisor (a group commit, milliseconds), and the task's other
+    coroutines pause with it: acceptable, as a save is a point where the task waits for its
+    state to be durable, and one save at a time keeps the child's pipe protocol simple.
+    A stop asked at ctx.save raises StopRequested, a BaseException: the loop's Task keeps it
+    as the task's exception and asyncio.run raises it again as itself, after cancelling
+    whatever else the task left running (checked on 3.11, and by the preemption test in
+    tests/test_async_tasks.py), so the child exits stopped and the job is requeued. The
+    supervisor's SIGUSR1 and systemd's SIGTERM interrupt the loop's select and run
+    _ChildSignals.handle, so ctx.stopping turns True while the task awaits."""
+    import asyncio
+    if hasattr(out, "__anext__"):
+        return asyncio.run(_checkpoint_async_yields(out, ctx))
+    return asyncio.run(_awaited(out))
+
+
+async def _awaited(awaitable):
+    return await awaitable        # asyncio.run takes only a coroutine, not any awaitable
+
+
+async def _checkpoint_async_yields(agen, ctx):
+    """An async generator task checkpoints at every `yield state`, as a generator task does."""
+    try:
+        async for state in agen:
+            ctx.save(state)
+    finally:
+        await agen.aclose()        # its own `finally` blocks run before the loop closes
 
 
 class _ChildSignals:
@@ -3905,39 +4044,6 @@ class _Sleeper:
             self.watch.close()
 
 
-class _DirectoryWatch:
-    """inotify on the database's directory (Linux): readable whenever a process writes the
-    WAL, so an idle supervisor notices new work at once without polling the file 100 times a
-    second. open() returns None where inotify is unavailable."""
-
-    IN_MODIFY, IN_CREATE, IN_NONBLOCK, IN_CLOEXEC = 0x2, 0x100, 0o4000, 0o2000000
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    @classmethod
-    def open(cls, path, libc):
-        try:
-            fd = libc.inotify_init1(cls.IN_NONBLOCK | cls.IN_CLOEXEC)
-            if fd < 0:
-                return None
-            directory = os.fsencode(os.path.dirname(os.path.abspath(path)))
-            if libc.inotify_add_watch(fd, directory, cls.IN_MODIFY | cls.IN_CREATE) < 0:
-                os.close(fd)
-                return None
-            return cls(fd)
-        except (AttributeError, OSError):
-            return None
-
-    def drain(self):
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self.fd, 65536):
-                pass
-
-    def close(self):
-        os.close(self.fd)
-
-
 class _SystemdNotifier:
     """systemd's notify protocol (sd_notify(3)) without libsystemd: READY=1, WATCHDOG=1 and
     STOPPING=1, each one datagram to the AF_UNIX socket named by $NOTIFY_SOCKET (a leading
@@ -4318,13 +4424,15 @@ def _build_cli():
     @click.option("--max-attempts", type=int)
     @click.option("--timeout", help="per run")
     @click.option("--memory-limit", help="per run, e.g. 200M")
+    @click.option("--wait", help="if the queue is full, wait up to this long for room (30s)")
     def enqueue(db, task, payload, priority, unique, delay, ttl, max_attempts, timeout,
-                memory_limit):
+                memory_limit, wait):
         """Add a job and print its id."""
         value = None if payload is None else loads_json(payload)
         options = dict(priority=priority, unique=unique, delay=delay, ttl=ttl,
                        max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
         _checked_input(task, value, **options)   # all input checked before the file is opened
+        options["wait"] = _checked_wait(wait, "--wait")
         queue = Queue(db)
         if not queue.is_known_task(task):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
