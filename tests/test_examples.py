@@ -434,3 +434,24 @@ def test_systemd_exec_start_serves_and_stops_cleanly_on_sigterm(tmp_path):
     assert job.checkpoint["sent"] >= 3
     assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE
                    for child in children)
+
+
+# --------------------------------------------------------------------------------------
+# agent_run.py
+# --------------------------------------------------------------------------------------
+
+def test_agent_run_streams_its_transcript_is_preempted_and_resumes(tmp_path):
+    result = run([sys.executable, os.path.join(EXAMPLES, "agent_run.py")], cwd=tmp_path,
+                 timeout=180)
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    # Followed live through `jobs output --follow`: the transcript lines as they came, with
+    # a marker line per attempt, the last one saying it resumed after the preemption.
+    followed = [line[6:] for line in out.splitlines() if line.startswith("    | ")]
+    steps = [line for line in followed if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in steps] == list(range(1, 17))
+    markers = [line for line in followed if line.startswith(litequeue.OUTPUT_MARKER)]
+    assert len(markers) >= 3 and "resumed after preemption" in markers[-1]
+    assert all("attempt 1/3" in marker for marker in markers)     # never charged
+    assert "ok  resumed where it stopped" in out and "NOT" not in out
+    assert list(tmp_path.iterdir()) == []                            # cleaned up after itself
