@@ -67,6 +67,55 @@ def test_print_stderr_logging_and_subprocesses_land_in_order_after_the_marker(qu
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
 
 
+def test_buffered_print_stays_in_order_with_programs_logging_forks_and_the_traceback(queue):
+    """sys.stdout is block-buffered in the child; whatever else writes to the file flushes
+    it first: subprocess, os.system, os.fork, logging to stderr, and the task's end."""
+    big = "b" * (200 * 1024)                             # past the 64 KiB buffer, no newline
+
+    @queue.task(max_attempts=1)
+    def mixed(ctx):
+        import logging
+        logging.basicConfig(stream=sys.stderr, format="%(message)s", force=True)
+        print("p1")
+        subprocess.run(["echo", "s1"], check=True)
+        print("p2")
+        logging.getLogger("task").error("e1")
+        print("p3")
+        print(big, end="")
+        subprocess.run(["echo", "s2"], check=True)
+        print("p4", end="")
+        os.system("echo s3")
+        print("p5")
+        pid = os.fork()
+        if pid == 0:
+            os.write(1, b"f1\n")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("p6")
+        raise RuntimeError("the end")
+
+    job_id = queue.enqueue("mixed")
+    run_to_end(queue, [job_id])
+    job = queue.get(job_id)
+    assert job.state == "dead" and "RuntimeError: the end" in job.error, job.error
+    lines = body(queue.output(job_id)).decode().splitlines()
+    assert lines[:6] == ["p1", "s1", "p2", "e1", "p3", big + "s2"], lines[:5]
+    assert lines[6:10] == ["p4s3", "p5", "f1", "p6"], lines[6:]
+    assert lines[10] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: the end"
+
+
+def test_a_pooled_childs_buffered_print_goes_to_its_own_jobs_file(queue):
+    @queue.task
+    def quiet(ctx, n):
+        print(f"job {n}", end="")                        # no newline, no flush: left buffered
+        return n
+
+    ids = [queue.enqueue("quiet", {"n": n}) for n in range(3)]
+    run_to_end(queue, ids, slots=1, jobs_per_child=3)
+    for n, job_id in enumerate(ids):
+        assert body(queue.output(job_id)) == f"job {n}".encode()
+
+
 def test_a_retried_job_has_a_marker_per_attempt_and_its_traceback_between(queue):
     @queue.task(max_attempts=2)
     def flaky(ctx):
@@ -121,6 +170,7 @@ def test_emit_keeps_str_bytes_invalid_utf8_and_binary_byte_exact(queue):
         ctx.emit("héllo ✓\n")
         ctx.emit(data)
         sys.stdout.buffer.write(b"\x80raw\n")
+        sys.stdout.flush()               # stdout is buffered: a raw fd write goes around it
         os.write(1, b"\xc0\xc1 fd\n")
         return None
 
@@ -182,7 +232,7 @@ def test_the_output_directory_deleted_while_a_job_runs(queue, tmp_path):
 
     @queue.task
     def waits(ctx, go):
-        print("before")
+        print("before", flush=True)                      # stdout is block-buffered
         while not os.path.exists(go):
             time.sleep(0.02)
         print("after")
