@@ -57,6 +57,7 @@ if __name__ == "__main__":
     sys.exit(litequeue.main())
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -2891,8 +2892,11 @@ def _run_job(job, spec, link, signals, memory_limit_bytes, streams):
     finally:
         signals.ctx = None
         streams.flush()                     # before the traceback, and before R or F is said
-    with contextlib.suppress(OSError):      # the output reads in order, its end included
+    try:                                    # the output reads in order, its end included
         _write_all(2, f"{error.rstrip()}\n".encode("utf-8", "backslashreplace"))
+    except OSError as exc:                  # a full disk, most often: the error says so
+        name = errno.errorcode.get(exc.errno, exc.errno)
+        output_problem = output_problem or f"job output not written: {name}: {exc.strerror}"
     if output_problem:
         error = f"{error.rstrip()}\n({output_problem})"
     link.say(SAY_FAILED, job.id, kind, json.dumps(_clipped(error.rstrip())).encode())

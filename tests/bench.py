@@ -2045,7 +2045,7 @@ def section_output(bench):
           f"{ms(p50)} / {ms(max(latencies))}", "", "", "median < 500 ms", p50 < 0.5)
     t.note(f"throughput: one job's child (serve --burst --slots 1) times, {n['output_rounds']} "
            f"rounds interleaved, median: {mb(total)} as 1 KiB lines through print() (fd 1 is the "
-           f"job's output file; flushed at the end), ctx.emit(str), a buffered `open(..., 'w')`"
+           f"job's output file; flushed at the end), ctx.emit(str), a buffered `open(..., 'a')`"
            f".write() loop and an os.write() loop appending to a file on the same filesystem")
     t.note("ctx.emit writes and flushes each call, as the spec asks (nothing held in the "
            "child beyond one write): its floor is a write() system call per line")

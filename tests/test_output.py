@@ -14,7 +14,8 @@ import time
 import pytest
 
 import litequeue
-from conftest import SCRIPT, run_cli, start_serve, wait_for, write_app
+from conftest import SCRIPT, integrity_ok, run_cli, start_serve, wait_for, write_app
+from test_disk_full import stored_jobs
 from test_pool import finish, step_until, stepped_supervisor
 
 pytestmark = pytest.mark.filterwarnings("ignore::litequeue.UnknownTaskWarning")
@@ -274,6 +275,52 @@ def test_a_refused_directory_is_never_written_through_and_the_job_still_runs(que
     assert os.listdir(elsewhere) == []
     with pytest.raises(litequeue.OutputRefused, match="symlink"):
         queue.output(ok)
+
+
+@pytest.fixture
+def full_output_dir(queue):
+    """The queue's output directory on its own 1 MiB tmpfs (mode 0700), the database beside
+    it on a disk that is not full; unmounted afterwards (as test_disk_full's tiny_disk)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.mkdir(queue.output_dir, 0o700)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                           queue.output_dir], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs was refused: {done.stderr.strip()}")
+    try:
+        yield queue.output_dir
+    finally:
+        if subprocess.run(["umount", queue.output_dir], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", queue.output_dir], capture_output=True)
+
+
+def test_a_job_that_fills_the_output_disk_fails_saying_so_and_the_rest_carries_on(
+        queue, full_output_dir):
+    @queue.task(max_attempts=1)
+    def flood(ctx):
+        print("starting")
+        while True:                                      # until the disk is full
+            ctx.emit(b"z" * 65536)
+
+    @queue.task(max_attempts=1)
+    def after(ctx, n):
+        print(f"after {n}")                              # lost: the disk is still full
+        return n * 2
+
+    flooded = queue.enqueue("flood")
+    others = [queue.enqueue("after", {"n": n}) for n in range(3)]
+    run_to_end(queue, [flooded, *others], output_limit="1G")
+    job = queue.get(flooded)
+    assert job.state == "dead", job.error
+    assert "No space left on device" in job.error and "ENOSPC" in job.error, job.error
+    assert os.statvfs(full_output_dir).f_bavail == 0
+    assert [queue.get(i).state for i in others] == ["done"] * 3
+    assert [queue.get(i).result for i in others] == [0, 2, 4]
+    assert queue.output(flooded).startswith(MARKER)      # what fitted is kept, readable
+    assert len(queue.output(flooded)) > 512 * 1024
+    assert integrity_ok(queue.path)
+    assert [row[3] for row in stored_jobs(queue.path)] == ["dead", "done", "done", "done"]
 
 
 # --------------------------------------------------------------------------------------
