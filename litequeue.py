@@ -57,6 +57,9 @@ if __name__ == "__main__":
     sys.exit(litequeue.main())
 
 import contextlib
+import errno
+import functools
+import io
 import json
 import os
 import random
@@ -145,6 +148,7 @@ BREAKER_FAILURES, BREAKER_WINDOW_S = 3, 60.0
 OUTPUT_DIR_SUFFIX = "-output"    # jobs.db -> jobs.db-output/<id>.log
 OUTPUT_MARKER = "--- litequeue:"  # opens the marker line of each attempt in a job's output
 DEFAULT_OUTPUT_LIMIT = "100M"   # one job's output; past it the job is stopped
+OUTPUT_BUFFER_BYTES = 1 << 16  # a child's sys.stdout buffer (see _JobStreams)
 BREAKER_COOLDOWN_S, BREAKER_MAX_COOLDOWN_S = 30.0, 600.0
 
 
@@ -857,6 +861,7 @@ class Context:
     def save(self, state):
         """Store state durably as the job's checkpoint. If a stop was asked, does not return:
         the job ends here and later resumes from this state."""
+        _flush_stdout()          # the output up to a checkpoint is on disk with it
         self._reporter.save(self.job, dumps_json(state, "checkpoint"))
         self.checkpoint = state
         if self._stop_asked:
@@ -869,8 +874,7 @@ class Context:
             data = data.encode("utf-8", "surrogateescape")
         elif not isinstance(data, (bytes, bytearray, memoryview)):
             raise BadInput(f"ctx.emit takes str or bytes, not {type(data).__name__}")
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()           # whatever print() left buffered goes first
+        _flush_stdout()                  # whatever print() left buffered goes first
         _write_all(1, data)
 
     def progress(self, done, total=None):
@@ -880,7 +884,13 @@ class Context:
         if tick - self._progress_sent_tick >= PROGRESS_EVERY_S or (
                 total is not None and done >= total):
             self._progress_sent_tick = tick
+            _flush_stdout()      # a follower sees the output as far as the progress says
             self._reporter.progress(self.job, done, total)
+
+
+def _flush_stdout():
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
 
 
 def _write_all(fd, data):
@@ -2562,15 +2572,16 @@ def _limit_memory(limit_bytes, *, hard):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))       # no core dumps on an SD card
 
 
-def _redirect_output(output_dir, job):
+def _redirect_output(output_dir, job, streams):
     """Make fds 1 and 2 the job's output file (appended to, made 0600), so that print,
     tracebacks, logging to stderr and the programs the task starts all land there, in order;
     then write the attempt's marker line. Where the file cannot be opened (the directory
     is gone, refused, the disk full) the output goes to /dev/null and the job still runs.
     Returns why it could not be kept, or None."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()                 # what the supervisor's side left goes where it was
+    streams.flush()                        # the last job's print()s go to its own file
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()                 # what the supervisor's side left goes where it was
+        sys.stderr.flush()
     problem = None
     try:
         if output_dir is None:
@@ -2586,21 +2597,72 @@ def _redirect_output(output_dir, job):
     for target in (1, 2):
         os.dup2(fd, target)                # dup2 clears O_CLOEXEC: programs inherit 1 and 2
     os.close(fd)
-    if not getattr(sys.stdout, "_litequeue_output", False):
-        # Unbuffered text streams over fds 1 and 2: a print() is in the file before the
-        # next line of the task runs, so it interleaves in order with what subprocesses
-        # write to the same fds (Python's own buffer would hold it back until exit).
-        import io
-        for name, fd_ in (("stdout", 1), ("stderr", 2)):
-            stream = io.TextIOWrapper(io.FileIO(fd_, "w", closefd=False), encoding="utf-8",
-                                      errors="backslashreplace", write_through=True)
-            stream._litequeue_output = True
-            setattr(sys, name, stream)
+    streams.bind()
     try:
         _write_all(1, attempt_marker(job, now()))
     except OSError as exc:                 # a full disk: the task will meet it too
         problem = problem or f"job output: {exc}"
     return problem
+
+
+class _JobStreams:
+    """A child's sys.stdout and sys.stderr over fds 1 and 2 (the job's output file).
+
+    stdout is block-buffered (OUTPUT_BUFFER_BYTES): print() of 1 KiB lines one system call
+    each ran at 0.11x a buffered write() loop. Everything else that writes to the same file
+    flushes it first, so the file still reads in the order things happened: every write to
+    sys.stderr (tracebacks, logging), ctx.emit/save/progress, the end of the task, and the
+    start of any program the task runs. os.register_at_fork covers os.fork and
+    multiprocessing; subprocess (fork_exec in C), os.system, os.posix_spawn and os.exec*
+    do not run those hooks, so this child wraps them to flush first. They are patched in
+    the job's own process only, never in the supervisor. What stays out of order: a task's
+    own os.write(1, ...) after an unflushed print (flush sys.stdout first)."""
+
+    def __init__(self):
+        self.stdout = self.stderr = None
+        os.register_at_fork(before=self.flush)
+        import subprocess
+        subprocess.Popen._execute_child = self._flushing_first(subprocess.Popen._execute_child)
+        for name in ("system", "posix_spawn", "posix_spawnp", "execv", "execve"):
+            if hasattr(os, name):           # os.exec[lv]p?e? all end in execv or execve
+                setattr(os, name, self._flushing_first(getattr(os, name)))
+
+    def _flushing_first(self, fn):
+        def flushed_then(*args, **kwargs):
+            self.flush()
+            return fn(*args, **kwargs)
+        return functools.wraps(fn)(flushed_then)
+
+    def flush(self):
+        if self.stdout is not None:
+            with contextlib.suppress(Exception):
+                self.stdout.flush()
+
+    def bind(self):
+        """Make sys.stdout and sys.stderr this child's streams over fds 1 and 2 again (a task
+        may have replaced them). The same objects serve every job of a pooled child, so one
+        a task kept (a logging handler's stream) still writes in order after the next dup2."""
+        if self.stdout is None:
+            raw = io.FileIO(1, "w", closefd=False)
+            self.stdout = io.TextIOWrapper(io.BufferedWriter(raw, OUTPUT_BUFFER_BYTES),
+                                           encoding="utf-8", errors="backslashreplace")
+            self.stderr = _StderrAfterStdout(io.FileIO(2, "w", closefd=False),
+                                             encoding="utf-8", errors="backslashreplace",
+                                             write_through=True)
+            self.stderr.before = self.flush
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+
+
+class _StderrAfterStdout(io.TextIOWrapper):
+    """Unbuffered stderr whose every write first flushes the job's buffered stdout."""
+
+    def write(self, text):
+        self.before()
+        return super().write(text)
+
+    def flush(self):
+        self.before()
+        return super().flush()
 
 
 def _call_task(fn, ctx, payload):
@@ -2783,10 +2845,11 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent):
     _limit_memory(memory_limit_bytes, hard=not pooled)
     link = _ParentLink(to_parent, from_parent)
     forked_bytes = process_rss_bytes(os.getpid()) or 0
+    streams = _JobStreams()
     try:
         for number in range(1, spec.jobs_per_child + 1):
             started_tick = time.monotonic()
-            returned, text = _run_job(job, spec, link, signals, memory_limit_bytes)
+            returned, text = _run_job(job, spec, link, signals, memory_limit_bytes, streams)
             if not returned:
                 return
             run_s = time.monotonic() - started_tick
@@ -2803,11 +2866,11 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent):
         sys.exit(EXIT_CHILD_STOPPED)
 
 
-def _run_job(job, spec, link, signals, memory_limit_bytes):
+def _run_job(job, spec, link, signals, memory_limit_bytes, streams):
     """Run one job's task. Returns (True, result as JSON) when it returned; (False, None)
     when it raised, after saying so."""
     import traceback
-    output_problem = _redirect_output(spec.output_dir, job)
+    output_problem = _redirect_output(spec.output_dir, job, streams)
     ctx = signals.ctx = Context(None, job, None, reporter=_PipeReporter(link))
     if signals.asked:
         ctx.ask_stop()
@@ -2828,8 +2891,12 @@ def _run_job(job, spec, link, signals, memory_limit_bytes):
         error = traceback.format_exc()
     finally:
         signals.ctx = None
-    with contextlib.suppress(OSError):      # the output reads in order, its end included
+        streams.flush()                     # before the traceback, and before R or F is said
+    try:                                    # the output reads in order, its end included
         _write_all(2, f"{error.rstrip()}\n".encode("utf-8", "backslashreplace"))
+    except OSError as exc:                  # a full disk, most often: the error says so
+        name = errno.errorcode.get(exc.errno, exc.errno)
+        output_problem = output_problem or f"job output not written: {name}: {exc.strerror}"
     if output_problem:
         error = f"{error.rstrip()}\n({output_problem})"
     link.say(SAY_FAILED, job.id, kind, json.dumps(_clipped(error.rstrip())).encode())

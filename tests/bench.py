@@ -8,7 +8,7 @@ functions). Run it from anywhere:
     python tests/bench.py                   # everything (a few minutes on 2 cores)
     python tests/bench.py --quick           # smaller runs: a smoke test, under a minute
     python tests/bench.py --only enqueue    # one section: enqueue, supervisor, memory, retention,
-                                            # peers
+                                            # peers, output
     python tests/bench.py --dir /mnt/sd     # put the database files on the device under test
 
 Sections:
@@ -27,6 +27,9 @@ Sections:
               virtualenv of their own under ~/.cache/litequeue-bench (never in this
               environment; --fresh-peers rebuilds it): enqueue and dequeue+ack rates at the
               same synchronous setting, no-op jobs end to end through 2 workers, idle RSS.
+  output      job output (issue 11), in a real job's child: print and ctx.emit of 1 KiB lines
+              beside a plain write() loop to a file in the same child; the child's RSS while
+              it emits 1 GiB; `jobs output ID --follow` latency from ctx.emit to the line read.
 
 Nothing here changes litequeue: every figure goes through its public API or its CLI.
 """
@@ -76,6 +79,7 @@ FULL_RUN = dict(
     soak_jobs=100_000, soak_purge_every=5000, soak_print_every=10_000,
     peer_rounds=6, peer_count=500, peer_e2e_fork=2000, peer_e2e_pool=10_000, peer_per_child=1000,
     peer_idle_jobs=20, peer_settle_s=3.0, peer_window_s=2.0,
+    output_bytes=64 * MiB, output_rounds=3, output_big_bytes=1 << 30, follow_lines=20,
 )
 QUICK_RUN = dict(
     single_full=30, single_normal=150, single_rounds=7,
@@ -87,8 +91,9 @@ QUICK_RUN = dict(
     soak_jobs=10_000, soak_purge_every=1000, soak_print_every=2000,
     peer_rounds=3, peer_count=100, peer_e2e_fork=150, peer_e2e_pool=300, peer_per_child=1000,
     peer_idle_jobs=6, peer_settle_s=1.0, peer_window_s=0.5,
+    output_bytes=4 * MiB, output_rounds=3, output_big_bytes=64 * MiB, follow_lines=10,
 )
-SECTIONS = ("enqueue", "supervisor", "memory", "retention", "peers")
+SECTIONS = ("enqueue", "supervisor", "memory", "retention", "peers", "output")
 
 
 # ======================================================================================
@@ -1884,11 +1889,178 @@ def peers_end_to_end(bench, t, venv, workdir, redis):
 
 
 # ======================================================================================
+# 6. job output
+# ======================================================================================
+
+OUTPUT_APP = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from litequeue import Queue
+
+queue = Queue({db!r})
+LINE = "x" * 1023 + "\\n"                 # 1 KiB with its newline
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+@queue.task(max_attempts=1)
+def throughput(ctx, total, scratch, rounds):
+    lines = total // len(LINE)
+    body = LINE[:-1]                        # print adds the newline
+
+    def plain():
+        with open(scratch, "a") as f:       # Python's default: a buffered text file
+            for _ in range(lines):
+                f.write(LINE)
+
+    def raw():
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        data = LINE.encode()
+        for _ in range(lines):              # one write() per line, as ctx.emit must
+            os.write(fd, data)
+        os.close(fd)
+
+    def printed():
+        for _ in range(lines):
+            print(body)
+        sys.stdout.flush()
+
+    def emitted():
+        for _ in range(lines):
+            ctx.emit(LINE)
+
+    times = {{"plain": [], "raw": [], "print": [], "emit": []}}
+    for _ in range(rounds):                 # interleaved, so drift hits all alike
+        for name, fn in (("plain", plain), ("print", printed), ("raw", raw), ("emit", emitted)):
+            times[name].append(_timed(fn))
+    os.unlink(scratch)                      # appended to, as the job's output file is
+    return times
+
+
+def _rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+
+
+@queue.task(max_attempts=1)
+def big(ctx, total):
+    chunk = b"y" * 1023 + b"\\n"
+    before, peak = _rss(), 0
+    started = time.perf_counter()
+    for i in range(total // len(chunk)):
+        ctx.emit(chunk)
+        if i % 65536 == 0:
+            peak = max(peak, _rss())
+    return {{"before": before, "peak": max(peak, _rss()), "after": _rss(),
+             "s": time.perf_counter() - started}}
+
+
+@queue.task(max_attempts=1)
+def ticker(ctx, n):
+    for i in range(n):
+        ctx.emit(f"tick {{i}} {{time.time()!r}}\\n")
+        time.sleep(0.2)
+    return n
+"""
+
+
+def section_output(bench):
+    n = bench.n
+    t = Table("6. job output: print and ctx.emit in a real child, memory at 1 GiB, --follow")
+    db = bench.path("output.db")
+    app = os.path.join(bench.dir, "output_app.py")
+    with open(app, "w") as f:
+        f.write(OUTPUT_APP.format(root=ROOT, db=db))
+    queue = litequeue.Queue(db)
+    total, big_total = n["output_bytes"], n["output_big_bytes"]
+    through = queue.enqueue("throughput", {"total": total, "rounds": n["output_rounds"],
+                                           "scratch": os.path.join(bench.dir, "plain.out")})
+    big = queue.enqueue("big", {"total": big_total})
+    say(f"print / ctx.emit / write() of {mb(total)} in 1 KiB lines, {n['output_rounds']} rounds; "
+        f"then {mb(big_total)} through ctx.emit")
+    served = subprocess.run([PY, SCRIPT, "serve", "--burst", "--slots", "1", "--app", app,
+                             "--db", db, "--output-limit", str(2 * big_total + 4 * total)],
+                            capture_output=True, text=True, cwd=bench.dir)
+    if served.returncode != 0:
+        raise RuntimeError(f"serve exited {served.returncode}: {served.stderr[-2000:]}")
+    results = {}
+    for job_id in (through, big):
+        job = queue.get(job_id)
+        if job.state != "done":
+            raise RuntimeError(f"job {job_id} ended {job.state}: {job.error}")
+        results[job_id] = job.result
+        with contextlib.suppress(OSError):
+            os.unlink(queue.output_path(job_id))             # a GiB of y's: not kept
+    times = {name: statistics.median(v) for name, v in results[through].items()}
+    speed = {name: total / seconds for name, seconds in times.items()}
+    ratio = speed["print"] / speed["plain"]
+    t.row("print() of 1 KiB lines (MiB/s)", rate(speed["print"] / MiB, ""),
+          f"f.write {rate(speed['plain'] / MiB, '')}", f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8)
+    ratio = speed["emit"] / speed["plain"]
+    t.row("ctx.emit() of 1 KiB lines (MiB/s)", rate(speed["emit"] / MiB, ""),
+          f"f.write {rate(speed['plain'] / MiB, '')}", f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8)
+    ratio = speed["emit"] / speed["raw"]
+    t.row("   ctx.emit() beside an os.write() per line", rate(speed["emit"] / MiB, ""),
+          f"os.write {rate(speed['raw'] / MiB, '')}", f"{ratio:.2f}x", "(same system calls)")
+    r = results[big]
+    grown = r["after"] - r["before"]
+    t.row(f"child RSS before/after emitting {mb(big_total)}",
+          f"{mb(r['before'])} / {mb(r['after'])}", f"peak {mb(r['peak'])}", f"+{mb(grown)}",
+          "within 10 MiB", abs(grown) <= 10 * MiB and r["peak"] - r["before"] <= 10 * MiB)
+    t.row(f"   its rate ({mb(big_total)} in 1 KiB emits)", rate(big_total / MiB / r["s"], " MiB/s"),
+          "", "", "")
+
+    # -- --follow latency -------------------------------------------------------------------
+    lines = n["follow_lines"]
+    say(f"jobs output --follow: {lines} lines emitted 200 ms apart")
+    job_id = queue.enqueue("ticker", {"n": lines})
+    latencies = []
+    with serving(["--app", app, "--db", db, "--poll", "0.05"], db + ".log") as proc:
+        follow = subprocess.Popen([PY, SCRIPT, "jobs", "output", str(job_id), "--follow",
+                                   "--db", db], stdout=subprocess.PIPE, cwd=bench.dir)
+        try:
+            for raw in follow.stdout:
+                read_at = time.time()
+                if raw.startswith(b"tick "):
+                    latencies.append(read_at - float(raw.split()[2]))
+            follow.wait(30)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+            follow.stdout.close()
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve exited {proc.returncode}: {log_tail(db + '.log')}")
+    queue.close()
+    if len(latencies) != lines:
+        raise RuntimeError(f"the follower read {len(latencies)} of {lines} lines")
+    p50 = statistics.median(latencies)
+    t.row(f"ctx.emit -> line read from `jobs output --follow` (median / max of {lines})",
+          f"{ms(p50)} / {ms(max(latencies))}", "", "", "median < 500 ms", p50 < 0.5)
+    t.note(f"throughput: one job's child (serve --burst --slots 1) times, {n['output_rounds']} "
+           f"rounds interleaved, median: {mb(total)} as 1 KiB lines through print() (fd 1 is the "
+           f"job's output file; flushed at the end), ctx.emit(str), a buffered `open(..., 'a')`"
+           f".write() loop and an os.write() loop appending to a file on the same filesystem")
+    t.note("ctx.emit writes and flushes each call, as the spec asks (nothing held in the "
+           "child beyond one write): its floor is a write() system call per line")
+    t.note(f"RSS: VmRSS of the child read by the task itself before, every 64 MiB and after "
+           f"{mb(big_total)} of 1 KiB ctx.emit calls")
+    return t
+
+
+# ======================================================================================
 # main
 # ======================================================================================
 
 RUNNERS = {"enqueue": section_enqueue, "supervisor": section_supervisor,
-           "memory": section_memory, "retention": section_retention, "peers": section_peers}
+           "memory": section_memory, "retention": section_retention, "peers": section_peers,
+           "output": section_output}
 
 
 def main(argv=None):

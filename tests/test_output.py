@@ -14,7 +14,8 @@ import time
 import pytest
 
 import litequeue
-from conftest import SCRIPT, run_cli, start_serve, wait_for, write_app
+from conftest import SCRIPT, integrity_ok, run_cli, start_serve, wait_for, write_app
+from test_disk_full import stored_jobs
 from test_pool import finish, step_until, stepped_supervisor
 
 pytestmark = pytest.mark.filterwarnings("ignore::litequeue.UnknownTaskWarning")
@@ -65,6 +66,55 @@ def test_print_stderr_logging_and_subprocesses_land_in_order_after_the_marker(qu
     assert path == os.path.join(f"{queue.path}-output", f"{job_id}.log")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+
+
+def test_buffered_print_stays_in_order_with_programs_logging_forks_and_the_traceback(queue):
+    """sys.stdout is block-buffered in the child; whatever else writes to the file flushes
+    it first: subprocess, os.system, os.fork, logging to stderr, and the task's end."""
+    big = "b" * (200 * 1024)                             # past the 64 KiB buffer, no newline
+
+    @queue.task(max_attempts=1)
+    def mixed(ctx):
+        import logging
+        logging.basicConfig(stream=sys.stderr, format="%(message)s", force=True)
+        print("p1")
+        subprocess.run(["echo", "s1"], check=True)
+        print("p2")
+        logging.getLogger("task").error("e1")
+        print("p3")
+        print(big, end="")
+        subprocess.run(["echo", "s2"], check=True)
+        print("p4", end="")
+        os.system("echo s3")
+        print("p5")
+        pid = os.fork()
+        if pid == 0:
+            os.write(1, b"f1\n")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("p6")
+        raise RuntimeError("the end")
+
+    job_id = queue.enqueue("mixed")
+    run_to_end(queue, [job_id])
+    job = queue.get(job_id)
+    assert job.state == "dead" and "RuntimeError: the end" in job.error, job.error
+    lines = body(queue.output(job_id)).decode().splitlines()
+    assert lines[:6] == ["p1", "s1", "p2", "e1", "p3", big + "s2"], lines[:5]
+    assert lines[6:10] == ["p4s3", "p5", "f1", "p6"], lines[6:]
+    assert lines[10] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: the end"
+
+
+def test_a_pooled_childs_buffered_print_goes_to_its_own_jobs_file(queue):
+    @queue.task
+    def quiet(ctx, n):
+        print(f"job {n}", end="")                        # no newline, no flush: left buffered
+        return n
+
+    ids = [queue.enqueue("quiet", {"n": n}) for n in range(3)]
+    run_to_end(queue, ids, slots=1, jobs_per_child=3)
+    for n, job_id in enumerate(ids):
+        assert body(queue.output(job_id)) == f"job {n}".encode()
 
 
 def test_a_retried_job_has_a_marker_per_attempt_and_its_traceback_between(queue):
@@ -121,6 +171,7 @@ def test_emit_keeps_str_bytes_invalid_utf8_and_binary_byte_exact(queue):
         ctx.emit("héllo ✓\n")
         ctx.emit(data)
         sys.stdout.buffer.write(b"\x80raw\n")
+        sys.stdout.flush()               # stdout is buffered: a raw fd write goes around it
         os.write(1, b"\xc0\xc1 fd\n")
         return None
 
@@ -182,7 +233,7 @@ def test_the_output_directory_deleted_while_a_job_runs(queue, tmp_path):
 
     @queue.task
     def waits(ctx, go):
-        print("before")
+        print("before", flush=True)                      # stdout is block-buffered
         while not os.path.exists(go):
             time.sleep(0.02)
         print("after")
@@ -224,6 +275,52 @@ def test_a_refused_directory_is_never_written_through_and_the_job_still_runs(que
     assert os.listdir(elsewhere) == []
     with pytest.raises(litequeue.OutputRefused, match="symlink"):
         queue.output(ok)
+
+
+@pytest.fixture
+def full_output_dir(queue):
+    """The queue's output directory on its own 1 MiB tmpfs (mode 0700), the database beside
+    it on a disk that is not full; unmounted afterwards (as test_disk_full's tiny_disk)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.mkdir(queue.output_dir, 0o700)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                           queue.output_dir], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs was refused: {done.stderr.strip()}")
+    try:
+        yield queue.output_dir
+    finally:
+        if subprocess.run(["umount", queue.output_dir], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", queue.output_dir], capture_output=True)
+
+
+def test_a_job_that_fills_the_output_disk_fails_saying_so_and_the_rest_carries_on(
+        queue, full_output_dir):
+    @queue.task(max_attempts=1)
+    def flood(ctx):
+        print("starting")
+        while True:                                      # until the disk is full
+            ctx.emit(b"z" * 65536)
+
+    @queue.task(max_attempts=1)
+    def after(ctx, n):
+        print(f"after {n}")                              # lost: the disk is still full
+        return n * 2
+
+    flooded = queue.enqueue("flood")
+    others = [queue.enqueue("after", {"n": n}) for n in range(3)]
+    run_to_end(queue, [flooded, *others], output_limit="1G")
+    job = queue.get(flooded)
+    assert job.state == "dead", job.error
+    assert "No space left on device" in job.error and "ENOSPC" in job.error, job.error
+    assert os.statvfs(full_output_dir).f_bavail == 0
+    assert [queue.get(i).state for i in others] == ["done"] * 3
+    assert [queue.get(i).result for i in others] == [0, 2, 4]
+    assert queue.output(flooded).startswith(MARKER)      # what fitted is kept, readable
+    assert len(queue.output(flooded)) > 512 * 1024
+    assert integrity_ok(queue.path)
+    assert [row[3] for row in stored_jobs(queue.path)] == ["dead", "done", "done", "done"]
 
 
 # --------------------------------------------------------------------------------------
