@@ -889,13 +889,20 @@ class Context:
 
 
 def _flush_stdout():
-    with contextlib.suppress(Exception):
+    try:                                 # (no context manager: emit is called per line)
         sys.stdout.flush()
+    except Exception:
+        pass
 
 
 def _write_all(fd, data):
+    if type(data) is bytes:              # the usual case: one write, no memoryview
+        written = os.write(fd, data)
+        if written == len(data):
+            return
+        data = data[written:]
     view = memoryview(data).cast("B")
-    while view:
+    while view:                          # a short write (a signal arrived): the rest
         view = view[os.write(fd, view):]
 
 
