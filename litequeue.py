@@ -113,7 +113,7 @@ EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because 
 # state (a failure is retried while attempts remain; a requeue may be charged an attempt).
 ENDING_FAILED, ENDING_REQUEUED = "failed", "requeued"
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
 MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
     1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
@@ -123,6 +123,12 @@ MIGRATIONS = {                   # {version: SQL taking a file from version to v
        "CREATE INDEX jobs_task_queue ON jobs (task, priority, due_at, id)"
        " WHERE state = 'queued';",
     2: "ALTER TABLE jobs ADD COLUMN overrides INTEGER NOT NULL DEFAULT 7;",
+    3: "CREATE TABLE pressure_samples (id INTEGER PRIMARY KEY, at REAL NOT NULL,"
+       " supervisor TEXT NOT NULL, pressure REAL NOT NULL, level TEXT NOT NULL,"
+       " tree_bytes INTEGER);"
+       "CREATE INDEX pressure_samples_at ON pressure_samples (at);"
+       "CREATE TABLE finished_counts (task TEXT NOT NULL, state TEXT NOT NULL,"
+       " n INTEGER NOT NULL, PRIMARY KEY (task, state)) WITHOUT ROWID;",
 }
 
 MiB = 1 << 20
