@@ -1,4 +1,4 @@
--- litequeue schema, version 3 (PRAGMA user_version = 3).
+-- litequeue schema, version 4 (PRAGMA user_version = 4).
 -- This file is the whole current schema. Connection pragmas (WAL, synchronous, busy
 -- timeout) live in litequeue.py; schema changes get a migration step there too.
 -- Times are epoch seconds (REAL), always bound from Python, never computed in SQL.
@@ -115,4 +115,26 @@ CREATE TABLE supervisors (
     level        TEXT NOT NULL DEFAULT 'normal',
     pressure     REAL,
     running      TEXT NOT NULL DEFAULT '[]'   -- JSON: [{id, task, rss_bytes}] for status
+) WITHOUT ROWID;
+
+-- v4: memory pressure over time, for the dashboard's chart. A live supervisor adds a row at
+-- most every 5 s and deletes rows older than 24 h: at most ~17k rows a supervisor.
+CREATE TABLE pressure_samples (
+    id         INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    supervisor TEXT NOT NULL,            -- supervisors.id of the one that sampled
+    pressure   REAL NOT NULL,            -- percent, as the levels use it
+    level      TEXT NOT NULL,
+    tree_bytes INTEGER                   -- its process tree's PSS; NULL without a budget
+);
+CREATE INDEX pressure_samples_at ON pressure_samples (at);
+
+-- v4: finished jobs no longer in `jobs` in that state (purged, or retried by hand), per task
+-- and final state: with the final jobs still there, the litequeue_jobs_finished_total
+-- counter, which then never goes down.
+CREATE TABLE finished_counts (
+    task  TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (task, state)
 ) WITHOUT ROWID;
