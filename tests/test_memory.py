@@ -410,7 +410,10 @@ def test_tree_counts_pages_shared_after_fork_once():
         parent_rss = litequeue.process_rss_bytes(os.getpid())
         # Summed RSS counts the 64 MiB twice; the tree's PSS counts it once.
         assert rss_sum > reading.tree_bytes + 48 * MiB
-        assert parent_rss - 8 * MiB < reading.tree_bytes < parent_rss + 24 * MiB
+        # PSS also divides the pages of shared libraries among every process that maps
+        # them, so other Python processes on the machine lower it by several MiB: a wide
+        # lower bound, still far above a tree that missed the 64 MiB block.
+        assert parent_rss - 24 * MiB < reading.tree_bytes < parent_rss + 24 * MiB
         assert reading.budget_percent == pytest.approx(100 * reading.tree_bytes / (1024 * MiB))
     finally:
         os.write(write_end, b"x")
