@@ -4346,6 +4346,8 @@ class DashboardApp:
                 return 200, METRICS_CONTENT_TYPE, metrics_text().encode(), {}
         except (JobNotFound, BadInput) as exc:
             return self._text(404, str(exc))
+        except Error as exc:            # locked past the busy timeout, an unsafe output dir:
+            return self._text(503, str(exc))       # said to the page, which tries again
         return self._text(404, f"no page {path}")
 
     def _authorized(self, query, headers):

@@ -271,3 +271,24 @@ def test_screenshot(tmp_path, dashboard):
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
     shutil.copy(png, "/tmp/dashboard.png")                      # for a person to look at
+
+
+def test_ctrl_c_exits_130(db_path, scene):
+    import signal
+    server = Dashboard(db_path)
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=10) == 130
+    server.close()
+
+
+def test_an_unusable_file_answers_503_not_a_dropped_connection(queue, scene):
+    class Locked(litequeue.Queue):
+        def status(self, at=None):
+            raise litequeue.DatabaseUnusable("database is locked")
+    locked = Locked(queue.path, create=False)
+    try:
+        code, content_type, body, _ = litequeue.DashboardApp(locked, page=b"").respond(
+            "GET", "/api/status", {})
+        assert (code, body) == (503, b"database is locked\n")
+    finally:
+        locked.close()
