@@ -4383,6 +4383,192 @@ def _same_process_alive(sup):
 
 
 # ======================================================================================
+# Dashboard: a read-only page, /api/status, /api/jobs/ID and /metrics over HTTP
+# ======================================================================================
+# Its own process (`litequeue dashboard`), never the supervisor's: a slow browser or a
+# stuck request cannot hold up the loop that keeps the machine alive. It only reads: the
+# file is opened with create=False and every method but GET is refused.
+
+DASHBOARD_BIND = "127.0.0.1:8732"
+DASHBOARD_HISTORY_S = 3600.0         # the chart spans the last hour
+DASHBOARD_EVENTS = 50                # the latest events on the page
+DASHBOARD_DEAD = 20                  # the latest dead jobs on the page
+DASHBOARD_OUTPUT_TAIL_BYTES = 64 * 1024
+DEFAULT_THRESHOLDS = (70.0, 85.0, 95.0)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _dashboard_page():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html"),
+              "rb") as f:
+        return f.read()
+
+
+def parse_bind(text):
+    """(host, port) of "HOST:PORT" ("[::1]:8732" for IPv6); BadInput otherwise."""
+    host, sep, port = str(text).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        port_number = int(port)
+    except ValueError:
+        port_number = -1
+    if not sep or not host or not 0 <= port_number <= 65535:
+        raise BadInput(f"--bind {text!r}: HOST:PORT, like {DASHBOARD_BIND}")
+    return host, port_number
+
+
+def is_loopback(host):
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False                    # a name: it may resolve to anything
+
+
+def dashboard_status(queue, at=None):
+    """`Queue.status()` and what the page adds: the last hour of pressure, breakers with
+    their cooldown left, each running job's memory limit, the latest events and dead jobs."""
+    at = now() if at is None else at
+    status = queue.status(at)
+    for run in status["running"]:
+        with contextlib.suppress(JobNotFound):      # finished since status() read it
+            run["memory_limit_bytes"] = queue.get(run["id"]).memory_limit_bytes
+    history = getattr(queue, "pressure_history", None)    # from the pressure-history work
+    breakers = []
+    for b in queue.breakers(at):
+        left = (None if b["opened_at"] is None or b["state"] != "open"
+                else max(0.0, round(b["opened_at"] + b["cooldown_s"] - at, 1)))
+        breakers.append({**b, "cooldown_left_s": left})
+    dead = [{"id": job.id, "task": job.task, "priority": job.priority,
+             "finished_at": job.finished_at, "attempts": job.attempts,
+             "error": _last_line(job.error or "")}
+            for job in queue.jobs(state=DEAD, limit=DASHBOARD_DEAD)]
+    return {**status, "at": at, "thresholds": list(DEFAULT_THRESHOLDS),
+            "history": list(history(at - DASHBOARD_HISTORY_S)) if history else [],
+            "breaker_list": breakers, "dead_jobs": dead,
+            "events": queue.events(limit=DASHBOARD_EVENTS, newest=True)[::-1]}
+
+
+def dashboard_job(queue, job_id):
+    """One job for its page: its fields, its events, the last 64 KiB of its output."""
+    job = queue.get(job_id)
+    size = queue.output_bytes(job.id) or 0
+    start = max(0, size - DASHBOARD_OUTPUT_TAIL_BYTES)
+    tail = queue.output(job.id, start)[:DASHBOARD_OUTPUT_TAIL_BYTES] if size else b""
+    return {"job": job.to_dict(), "events": queue.events(job_id=job.id, limit=500, newest=True),
+            "output_bytes": size, "output_tail": tail.decode("utf-8", "replace"),
+            "output_truncated": start > 0, "at": now()}
+
+
+class DashboardApp:
+    """The dashboard's routes as a function of (method, path, headers): no socket, so the
+    rules (token, GET only, what each route answers) are tested without a server."""
+
+    def __init__(self, queue, token=None, page=None):
+        self.queue = queue
+        self.token = token or None
+        self.page = _dashboard_page() if page is None else page
+
+    def respond(self, method, target, headers):
+        """(status code, content type, body bytes, extra headers) for one request."""
+        import urllib.parse
+        url = urllib.parse.urlsplit(target)
+        if not self._authorized(urllib.parse.parse_qs(url.query), headers):
+            return self._text(401, "a token is needed: Authorization: Bearer TOKEN or ?token=",
+                              {"WWW-Authenticate": 'Bearer realm="litequeue"'})
+        if method != "GET":
+            return self._text(405, "read-only: GET only", {"Allow": "GET"})
+        path = url.path
+        try:
+            if path == "/" or path.startswith("/jobs/"):
+                return 200, "text/html; charset=utf-8", self.page, {}
+            if path == "/api/status":
+                return self._json(dashboard_status(self.queue))
+            if path.startswith("/api/jobs/"):
+                return self._json(dashboard_job(self.queue, path[len("/api/jobs/"):]))
+            if path == "/metrics":
+                metrics_text = getattr(self.queue, "metrics_text", None)
+                if metrics_text is None:
+                    return self._text(404, "metrics are not available in this version")
+                return 200, METRICS_CONTENT_TYPE, metrics_text().encode(), {}
+        except (JobNotFound, BadInput) as exc:
+            return self._text(404, str(exc))
+        except Error as exc:            # locked past the busy timeout, an unsafe output dir:
+            return self._text(503, str(exc))       # said to the page, which tries again
+        return self._text(404, f"no page {path}")
+
+    def _authorized(self, query, headers):
+        import hmac
+        if self.token is None:
+            return True
+        given = query.get("token", [""])[-1]
+        scheme, _, credentials = (headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = credentials.strip()
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    @staticmethod
+    def _json(value):
+        body = json.dumps(value, default=str, allow_nan=False).encode()
+        return 200, "application/json", body, {}
+
+    @staticmethod
+    def _text(code, message, headers=None):
+        return code, "text/plain; charset=utf-8", (message + "\n").encode(), headers or {}
+
+
+def serve_dashboard(queue, host, port, token=None, *, announce=print):
+    """Serve the dashboard until interrupted; announce(url) once it listens."""
+    import http.server
+    import socket
+
+    app = DashboardApp(queue, token)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = f"litequeue/{__version__}"
+
+        def __getattr__(self, name):            # do_POST, do_PUT, do_ANYTHING: refused
+            if name.startswith("do_"):
+                return self._answer
+            raise AttributeError(name)
+
+        def _answer(self):
+            code, content_type, body, extra = app.respond(self.command, self.path, self.headers)
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            # Nothing from the network, and no other page may frame or script this one.
+            self.send_header("Content-Security-Policy",
+                             "default-src 'self'; style-src 'unsafe-inline'; "
+                             "script-src 'unsafe-inline'; img-src 'self' data:; "
+                             "frame-ancestors 'none'")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in extra.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = _answer
+
+        def log_message(self, format, *args):     # a page polling every 2 s: not a log line
+            log.debug("dashboard: " + format, *args)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    with Server((host, port), Handler) as server:
+        bound_host, bound_port = server.server_address[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        announce(f"http://{shown}:{bound_port}/")
+        server.serve_forever()
+
+
+# ======================================================================================
 # Command line
 # ======================================================================================
 
@@ -4809,6 +4995,28 @@ def _build_cli():
         """Delete final jobs older than that, with their events and checkpoints."""
         seconds = parse_duration(older_than, "--older-than")
         click.echo(f"purged {Queue(db, create=False).purge(seconds)} jobs")
+
+    @cli.command()
+    @db_option
+    @click.option("--bind", default=DASHBOARD_BIND, show_default=True,
+                  help="HOST:PORT; an address other than loopback also needs --token")
+    @click.option("--token", envvar="LITEQUEUE_DASHBOARD_TOKEN",
+                  help="every request must carry it (Authorization: Bearer, or ?token=) "
+                       "[default: $LITEQUEUE_DASHBOARD_TOKEN]")
+    def dashboard(db, bind, token):
+        """Serve the read-only status page, /api/status, /api/jobs/ID and /metrics."""
+        host, port = parse_bind(bind)
+        if not token and not is_loopback(host):
+            raise BadInput(f"--bind {bind} is reachable from other machines, and payloads can "
+                           f"hold secrets: give --token (or $LITEQUEUE_DASHBOARD_TOKEN)")
+        queue = Queue(db, create=False)
+        try:
+            serve_dashboard(queue, host, port, token or None,
+                            announce=lambda url: click.echo(f"litequeue: dashboard at {url}"))
+        except OSError as exc:
+            raise BadInput(f"--bind {bind}: {exc.strerror or exc}") from None
+        finally:
+            queue.close()
 
     return cli
 
