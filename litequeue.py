@@ -4403,19 +4403,35 @@ def format_event(event):
 def _build_cli():
     import click
 
+    db_help = ("database file [default: $LITEQUEUE_DB, else ./litequeue.db; for serve "
+               "without either, the file the --app's Queue opens]")
+
+    def remember_db(ctx, param, value):
+        # `litequeue --db X status` and `litequeue jobs --db X list`: a group's --db is kept
+        # in the context for the command below it (ctx.meta is shared down the chain).
+        if value is not None:
+            ctx.meta["litequeue.db"] = value
+
+    def group_db_option(group):
+        return click.option("--db", default=None, expose_value=False,
+                            callback=remember_db, help=db_help)(group)
+
+    def resolve_db(ctx, param, value):
+        # The nearest --db wins (the command's, else a group's), then $LITEQUEUE_DB, then
+        # ./litequeue.db; serve without any leaves None for served_file() to decide.
+        value = value if value is not None else ctx.meta.get("litequeue.db")
+        value = value if value is not None else os.environ.get("LITEQUEUE_DB") or None
+        return value if value is not None or ctx.info_name == "serve" else default_db_path()
+
     def db_option(command):
-        # No default here: `serve --app` without --db serves the app's own file.
-        return click.option("--db", envvar="LITEQUEUE_DB", default=None,
-                            callback=lambda ctx, param, value: value if value is not None or (
-                                ctx.info_name == "serve") else default_db_path(),
-                            help="database file [default: $LITEQUEUE_DB, else ./litequeue.db; "
-                                 "for serve --app, the file the app's Queue opens]")(command)
+        return click.option("--db", default=None, callback=resolve_db, help=db_help)(command)
 
     def echo_json(value):
         click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="litequeue")
+    @group_db_option
     def cli():
         """litequeue: an embedded work queue in one SQLite file."""
 
@@ -4530,6 +4546,7 @@ def _build_cli():
             click.echo(format_status(result, queue.path))
 
     @cli.group()
+    @group_db_option
     def jobs():
         """Inspect and steer jobs."""
 
@@ -4617,6 +4634,7 @@ def _build_cli():
             click.echo(format_event(event))
 
     @cli.group()
+    @group_db_option
     def breaker():
         """Inspect and reset circuit breakers."""
 

@@ -1,0 +1,96 @@
+"""The command line tried as a new user would (issue 12): --db wherever it is typed, sizes
+that name their flag, Ctrl-C, --app "", the catalogue of a new file, expired jobs in status,
+help texts. The click runner for most cases, real `python litequeue.py` where it matters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import apsw
+import pytest
+from click.testing import CliRunner
+
+import litequeue
+from conftest import SCRIPT, run_cli, wait_for, write_app
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("LITEQUEUE_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(litequeue._build_cli(), [str(a) for a in args], env=env)
+
+
+def main(*args):
+    """litequeue.main() with its exit code and stderr."""
+    runner = CliRunner()
+    with runner.isolation() as (out, err, _):
+        code = litequeue.main([str(a) for a in args])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def job_count(path):
+    with litequeue.Queue(str(path), create=False) as q:
+        return len(q.jobs(limit=None))
+
+
+# -- 1. --db before the command, before a subcommand, after it ---------------------------------
+
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+def test_db_is_taken_wherever_it_is_typed(tmp_path, where):
+    target = str(tmp_path / "x.db")
+    assert invoke("--db", target, "enqueue", "echo").exit_code == 0
+    assert job_count(target) == 1 and not os.path.exists(tmp_path / "litequeue.db")
+    commands = {"before": ["--db", target, "jobs", "list", "--json"],
+                "between": ["jobs", "--db", target, "list", "--json"],
+                "after": ["jobs", "list", "--json", "--db", target]}
+    result = invoke(*commands[where])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(json.loads(result.stdout)) == 1
+    status = invoke(*{"before": ["--db", target, "status", "--json"],
+                      "between": ["--db", target, "status", "--json"],
+                      "after": ["status", "--json", "--db", target]}[where])
+    assert json.loads(status.stdout)["jobs"]["queued"] == 1
+    assert not os.path.exists(tmp_path / "litequeue.db")
+
+
+def test_group_db_wins_over_the_environment_and_the_nearest_wins(tmp_path):
+    env_db, group_db, own_db = (str(tmp_path / n) for n in ("env.db", "group.db", "own.db"))
+    assert invoke("--db", group_db, "enqueue", "echo", env={"LITEQUEUE_DB": env_db}).exit_code == 0
+    assert invoke("--db", group_db, "enqueue", "echo", "--db", own_db).exit_code == 0
+    assert invoke("breaker", "--db", group_db, "list").exit_code == 0
+    assert job_count(group_db) == 1 and job_count(own_db) == 1
+    assert not os.path.exists(env_db)
+
+
+def test_db_before_the_command_in_a_real_subprocess(tmp_path):
+    target = str(tmp_path / "x.db")
+    assert run_cli("--db", target, "enqueue", "echo").returncode == 0
+    result = run_cli("jobs", "--db", target, "list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 1
+    status = run_cli("--db", target, "status", "--json")
+    assert json.loads(status.stdout)["jobs"]["queued"] == 1
+
+
+def test_serve_with_a_group_db_serves_it_not_the_apps_file(tmp_path):
+    app = write_app(tmp_path, """
+        @queue.task
+        def hello(ctx):
+            return "hi"
+    """)
+    target = str(tmp_path / "x.db")
+    with litequeue.Queue(target) as q:
+        job_id = q.enqueue("hello")
+    result = run_cli("--db", target, "serve", "--burst", "--app", app)
+    assert result.returncode == 0, result.stderr
+    with litequeue.Queue(target) as q:
+        assert q.get(job_id).state == "done"
