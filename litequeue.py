@@ -314,9 +314,23 @@ def parse_size(value, what="size"):
             number = float(number)
         except ValueError:
             raise BadInput(f"{what}: {value!r} is not a size (try 400M, 1G, 512MiB)") from None
-    if not (number == number and 0 < number * _SIZE_UNITS[unit] < float(1 << 62)):
+    size = number * _SIZE_UNITS[unit]
+    if not (size == size and 0 < size < float(1 << 62)):
         raise BadInput(f"{what}: {value!r} is not a positive size below 4 EiB")
-    return int(number * _SIZE_UNITS[unit])
+    if size != int(size):                       # 0.5 was silently 0 bytes, 0.1M 104857
+        raise BadInput(f"{what}: {value!r} is not a whole number of bytes (try 400M, 1G, 512MiB)")
+    return int(size)
+
+
+def parse_memory_size(value, what="memory size"):
+    """parse_size(), for memory: at least 1 MiB, as no job runs in less. A bare `400` is
+    400 bytes, surely meant as 400M: the message says so."""
+    size = parse_size(value, what)
+    if size < MiB:
+        bare = not isinstance(value, str) or str(value).strip().isdigit()
+        hint = f"; did you mean {str(value).strip()}M?" if bare else " (try 400M, 1G, 512MiB)"
+        raise BadInput(f"{what}: {value!r} is {size} bytes, under 1 MiB{hint}")
+    return size
 
 
 def parse_duration(value, what="duration", allow_zero=True):
@@ -364,26 +378,30 @@ def _is_utf8(text):
 
 
 def parse_job_options(priority=None, unique=None, delay=None, ttl=None, max_attempts=None,
-                      timeout=None, memory_limit=None):
-    """Per-job overrides of enqueue, validated; None where not given (the task's default)."""
+                      timeout=None, memory_limit=None, flags=False):
+    """Per-job overrides of enqueue, validated; None where not given (the task's default).
+    Errors name the parameters (memory_limit), or with flags=True the command line's
+    options (--memory-limit)."""
+    def named(name):
+        return f"--{name.replace('_', '-')}" if flags else name
     return {
         "priority": None if priority is None else parse_priority(priority),
         "unique": (unique if unique is None or isinstance(unique, bool)
-                   else check_name(unique, "unique key")),
-        "delay_s": 0.0 if delay is None else parse_duration(delay, "delay"),
-        "ttl_s": None if ttl is None else parse_duration(ttl, "ttl", allow_zero=False),
+                   else check_name(unique, f"{named('unique')} key")),
+        "delay_s": 0.0 if delay is None else parse_duration(delay, named("delay")),
+        "ttl_s": None if ttl is None else parse_duration(ttl, named("ttl"), allow_zero=False),
         "max_attempts": (None if max_attempts is None
-                         else parse_positive_int(max_attempts, "max_attempts")),
-        "timeout_s": None if timeout is None else parse_duration(timeout, "timeout",
+                         else parse_positive_int(max_attempts, named("max_attempts"))),
+        "timeout_s": None if timeout is None else parse_duration(timeout, named("timeout"),
                                                                  allow_zero=False),
         "memory_limit_bytes": (None if memory_limit is None
-                               else parse_size(memory_limit, "memory_limit")),
+                               else parse_memory_size(memory_limit, named("memory_limit"))),
     }
 
 
-def _checked_input(task, payload=None, **options):
+def _checked_input(task, payload=None, flags=False, **options):
     """(task, payload as JSON, options) of an enqueue, all validated before any write."""
-    return check_name(task), dumps_json(payload), parse_job_options(**options)
+    return check_name(task), dumps_json(payload), parse_job_options(flags=flags, **options)
 
 
 def check_name(value, what="task name"):
@@ -1683,6 +1701,8 @@ class Queue(_Operator):
         """Register a task (decorator, with or without arguments) and store its defaults in
         the file's catalogue."""
         def register(func):
+            if memory_limit is not None:
+                parse_memory_size(memory_limit, "memory_limit")
             defaults = TaskDefaults(name or func.__name__, priority, max_attempts, timeout,
                                     memory_limit, ttl, shed, unique, breaker_failures,
                                     breaker_window)
@@ -3033,9 +3053,9 @@ class SupervisorOptions:
                  output_limit=DEFAULT_OUTPUT_LIMIT):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
-        self.memory_limit_bytes = parse_size(memory_limit, "--memory-limit")
+        self.memory_limit_bytes = parse_memory_size(memory_limit, "--memory-limit")
         self.memory_budget_bytes = (None if memory_budget is None
-                                    else parse_size(memory_budget, "--memory-budget"))
+                                    else parse_memory_size(memory_budget, "--memory-budget"))
         self.poll_s = parse_duration(poll, "--poll", allow_zero=False)
         tracker = LevelTracker(thresholds, margin, parse_duration(hold, "--hold"))
         self.thresholds, self.margin, self.hold_s = tracker.thresholds, tracker.margin, tracker.hold_s
@@ -4521,7 +4541,7 @@ def _build_cli():
         value = None if payload is None else loads_json(payload)
         options = dict(priority=priority, unique=unique, delay=delay, ttl=ttl,
                        max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
-        _checked_input(task, value, **options)   # all input checked before the file is opened
+        _checked_input(task, value, flags=True, **options)   # all checked before the file opens
         options["wait"] = _checked_wait(wait, "--wait")
         queue = Queue(db)
         if not queue.is_known_task(task):

@@ -94,3 +94,44 @@ def test_serve_with_a_group_db_serves_it_not_the_apps_file(tmp_path):
     assert result.returncode == 0, result.stderr
     with litequeue.Queue(target) as q:
         assert q.get(job_id).state == "done"
+
+
+# -- 2. sizes: under 1 MiB or not whole bytes is bad input, named by its flag ----------------
+
+@pytest.mark.parametrize("args, flag, said", [
+    (["enqueue", "echo", "--memory-limit", "400"], "--memory-limit", "400M"),
+    (["enqueue", "echo", "--memory-limit", "0.5"], "--memory-limit", "whole number of bytes"),
+    (["enqueue", "echo", "--memory-limit", "0.1M"], "--memory-limit", "whole number of bytes"),
+    (["enqueue", "echo", "--memory-limit", "12Q"], "--memory-limit", "400M"),
+    (["enqueue", "echo", "--delay", "soon"], "--delay", "30s"),
+    (["serve", "--burst", "--memory-limit", "400"], "--memory-limit", "400M"),
+    (["serve", "--burst", "--memory-budget", "512k"], "--memory-budget", "under 1 MiB"),
+    (["serve", "--burst", "--output-limit", "0.5"], "--output-limit", "whole number of bytes"),
+])
+def test_bad_sizes_are_bad_input_naming_the_flag(tmp_path, args, flag, said):
+    code, out, err = main(*args, "--db", tmp_path / "q.db")
+    assert code == litequeue.EXIT_BAD_INPUT, (out, err)
+    assert err.startswith(f"litequeue: error: {flag}") and said in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert "memory_limit" not in err and not os.path.exists(tmp_path / "q.db")
+
+
+def test_the_python_api_keeps_its_parameter_names(queue):
+    with pytest.raises(litequeue.BadInput, match=r"^memory_limit: 400 .*400M"):
+        queue.enqueue("echo", memory_limit=400)
+    with pytest.raises(litequeue.BadInput, match=r"^memory_limit: '0.5' .*whole"):
+        queue.enqueue("echo", memory_limit="0.5")
+    with pytest.raises(litequeue.BadInput, match=r"^memory_limit: 4096 .*under 1 MiB"):
+        @queue.task(memory_limit=4096)
+        def tiny(ctx):
+            return None
+    assert "tiny" not in queue.catalogue()
+    assert litequeue.parse_memory_size("1M") == 1 << 20
+    assert litequeue.parse_size("0.5K") == 512
+
+
+def test_a_real_enqueue_of_a_bare_number_suggests_megabytes(tmp_path):
+    result = run_cli("enqueue", "echo", "--memory-limit", "400", db=tmp_path / "q.db")
+    assert result.returncode == 2
+    assert result.stderr == ("litequeue: error: --memory-limit: '400' is 400 bytes, "
+                             "under 1 MiB; did you mean 400M?\n")
