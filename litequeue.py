@@ -109,6 +109,7 @@ LEVELS = ("normal", "skip", "preempt", "emergency")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
 EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
+EXIT_INTERRUPTED = 130           # Ctrl-C, as a shell reports a process SIGINT ended
 # How a run that did not finish done ends, besides cancelled: the queue then decides the
 # state (a failure is retried while attempts remain; a requeue may be charged an attempt).
 ENDING_FAILED, ENDING_REQUEUED = "failed", "requeued"
@@ -636,6 +637,27 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
             raise _translate(exc, path) from None
         raise
     return _configure(conn, path, durable, busy_timeout_s)
+
+
+# SQLite's own busy handler's sleeps (sqliteDefaultBusyCallback), in seconds.
+_BUSY_SLEEPS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
+
+
+def interruptible_busy_handler(timeout_s, clock=time.monotonic):
+    """A busy handler for apsw's set_busy_handler() that waits like SQLite's own, but sleeps
+    in Python: SQLite's sleeps in C, where a Ctrl-C only lands once the whole busy timeout
+    is over (10 s). A KeyboardInterrupt raised in its sleep ends the statement with it."""
+    started = []
+
+    def handler(count):
+        if count == 0:
+            started[:] = [clock()]
+        left = timeout_s - (clock() - started[0]) if started else timeout_s
+        if left <= 0:
+            return False
+        time.sleep(min(_BUSY_SLEEPS_S[min(count, len(_BUSY_SLEEPS_S) - 1)], left))
+        return True
+    return handler
 
 
 def _configure(conn, path, durable, busy_timeout_s):
@@ -4280,7 +4302,7 @@ def load_app_with_files(spec):
         else:
             sys.path.insert(0, os.getcwd())
             module = importlib.import_module(spec)
-    except Error:
+    except (Error, KeyboardInterrupt):  # Ctrl-C while it imports: exit 130, not bad input
         raise
     except BaseException as exc:        # SystemExit and friends from app code are bad input too
         message = str(exc).strip().splitlines()[-1:] or [""]
@@ -4446,6 +4468,13 @@ def _build_cli():
     def db_option(command):
         return click.option("--db", default=None, callback=resolve_db, help=db_help)(command)
 
+    def open_queue(db, **options):
+        # A command's waits on a locked file end at Ctrl-C (exit 130), not after the busy
+        # timeout; serve keeps SQLite's own wait, its loop handles SIGINT itself.
+        queue = Queue(db, **options)
+        queue.conn.set_busy_handler(interruptible_busy_handler(queue.busy_timeout_s))
+        return queue
+
     def echo_json(value):
         click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
@@ -4543,7 +4572,7 @@ def _build_cli():
                        max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
         _checked_input(task, value, flags=True, **options)   # all checked before the file opens
         options["wait"] = _checked_wait(wait, "--wait")
-        queue = Queue(db)
+        queue = open_queue(db)
         if not queue.is_known_task(task):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
                        f"(a typo?); enqueued with the global defaults", err=True)
@@ -4558,7 +4587,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def status(db, as_json):
         """Counts, running jobs, memory level, breakers, heartbeat age."""
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         result = queue.status()
         if as_json:
             echo_json(result)
@@ -4578,7 +4607,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def jobs_list(db, state, task, limit, as_json):
         """Jobs, newest first."""
-        found = Queue(db, create=False).jobs(state=state, task=task, limit=limit)
+        found = open_queue(db, create=False).jobs(state=state, task=task, limit=limit)
         if as_json:
             echo_json([job.to_dict() for job in found])
             return
@@ -4592,7 +4621,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_show(db, job_id):
         """One job and its events, as JSON."""
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         job = queue.get(job_id)
         echo_json({**job.to_dict(), "output_bytes": queue.output_bytes(job.id),
                    "events": queue.events(job_id=job.id)})
@@ -4607,7 +4636,7 @@ def _build_cli():
         """Print a job's output (its bytes as written)."""
         if tail is not None and tail < 0:
             raise BadInput(f"--tail {tail}: a number of lines, 0 or more")
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         job = queue.get(job_id)
         print_output(queue, job.id, follow=follow, tail=tail, out=sys.stdout.buffer)
 
@@ -4616,7 +4645,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_cancel(db, job_id):
         """Cancel a queued job, or ask a running one to stop."""
-        state = Queue(db, create=False).cancel(job_id)
+        state = open_queue(db, create=False).cancel(job_id)
         click.echo("cancelled" if state == CANCELLED else
                    "cancel requested: its supervisor will stop it")
 
@@ -4625,7 +4654,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_retry(db, job_id):
         """Put a dead, skipped or cancelled job back to queued."""
-        click.echo(Queue(db, create=False).retry(job_id))
+        click.echo(open_queue(db, create=False).retry(job_id))
 
     @cli.command()
     @db_option
@@ -4640,7 +4669,7 @@ def _build_cli():
         since_s = None if since is None else parse_duration(since, "--since")
         if job_id is not None:
             job_id = Queue._job_id(job_id)
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         if job_id is not None:
             queue.get(job_id)                   # "no job N", not an empty answer
         found = queue.events(job_id=job_id, kind=kind, limit=limit, newest=True,
@@ -4663,7 +4692,7 @@ def _build_cli():
     @click.option("--json", "as_json", is_flag=True)
     def breaker_list(db, as_json):
         """Every task's breaker."""
-        found = Queue(db, create=False).breakers()
+        found = open_queue(db, create=False).breakers()
         if as_json:
             echo_json(found)
             return
@@ -4675,7 +4704,7 @@ def _build_cli():
     @click.argument("task")
     def breaker_reset(db, task):
         """Close a task's breaker."""
-        before = Queue(db, create=False).reset_breaker(check_name(task))
+        before = open_queue(db, create=False).reset_breaker(check_name(task))
         click.echo(f"{task}: {before} -> closed")
 
     @cli.command()
@@ -4684,7 +4713,7 @@ def _build_cli():
     def purge(db, older_than):
         """Delete final jobs older than that, with their events and checkpoints."""
         seconds = parse_duration(older_than, "--older-than")
-        click.echo(f"purged {Queue(db, create=False).purge(seconds)} jobs")
+        click.echo(f"purged {open_queue(db, create=False).purge(seconds)} jobs")
 
     return cli
 
@@ -4698,8 +4727,8 @@ def main(argv=None):
         return result if isinstance(result, int) else EXIT_OK
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:   # a bare group (click
         # >= 8.2): its help, as usage, without an "error:" in front
         print(exc.format_message(), file=sys.stderr)

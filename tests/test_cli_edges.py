@@ -135,3 +135,53 @@ def test_a_real_enqueue_of_a_bare_number_suggests_megabytes(tmp_path):
     assert result.returncode == 2
     assert result.stderr == ("litequeue: error: --memory-limit: '400' is 400 bytes, "
                              "under 1 MiB; did you mean 400M?\n")
+
+
+# -- 3. Ctrl-C: at once, while the file is locked and while --app imports --------------------
+
+def interrupt(process, ready, timeout=5.0):
+    """SIGINT the process once ready() holds; its exit code, and how long it took after."""
+    wait_for(ready)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=timeout)
+    return code, time.monotonic() - sent
+
+
+def start(*args, **kwargs):
+    return subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_ctrl_c_of_enqueue_waiting_on_a_locked_file_exits_130_at_once(tmp_path):
+    db = str(tmp_path / "q.db")
+    litequeue.Queue(db).close()
+    holder = apsw.Connection(db)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        process = start("enqueue", "echo", "--db", db)
+        # By 1.5 s it is waiting on the lock (well inside the 10 s busy timeout).
+        started = time.monotonic()
+        code, took = interrupt(process, lambda: time.monotonic() - started > 1.5)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    stderr = process.stderr.read()
+    assert code == 130, stderr
+    assert took < 2.0, took
+    assert "Traceback" not in stderr
+    assert job_count(db) == 0
+
+
+def test_ctrl_c_while_the_app_imports_exits_130_not_bad_input(tmp_path):
+    marker = tmp_path / "importing"
+    app = write_app(tmp_path, f"""
+        open({str(marker)!r}, "w").close()
+        time.sleep(30)
+    """)
+    process = start("serve", "--burst", "--app", app, "--db", tmp_path / "q.db")
+    code, took = interrupt(process, marker.exists)
+    stderr = process.stderr.read()
+    assert code == 130, stderr
+    assert "bad input" not in stderr and "cannot import" not in stderr
+    assert "Traceback" not in stderr
