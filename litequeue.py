@@ -3031,15 +3031,19 @@ DEMO_TASKS = {
 
 
 def builtin_catalogue():
-    """(fn, defaults) of every built-in task, as a new file's catalogue lists them."""
-    return [(_heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"]), *DEMO_TASKS.values()]
+    """(fn, defaults) of the tasks a new file's catalogue lists: `heartbeat` alone. The demo
+    tasks are stored by a supervisor that serves them (`serve` without --app) when it
+    registers: listed in every file, `enqueue echo` to an app's file was never warned about."""
+    return [(_heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"])]
 
 
 def builtin_tasks(queue, demos=False):
-    """{name: Task} of the built-in tasks, bound to queue."""
+    """{name: Task} of the built-in tasks, bound to queue. With demos, they are declared in
+    its file's catalogue too, as @queue.task declares a task (`serve` without --app)."""
     tasks = {"heartbeat": Task(queue, _heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"])}
     if demos:
         tasks.update({name: Task(queue, fn, defaults) for name, (fn, defaults) in DEMO_TASKS.items()})
+        queue.store_catalogue([defaults for _, defaults in DEMO_TASKS.values()])
     return tasks
 
 
@@ -4288,6 +4292,9 @@ def load_app_with_files(spec):
     """({name: Task}, [the path each of its Queue objects opened, as given]) of an --app."""
     import importlib
     import importlib.util
+    if not spec.strip():                # not the demo tasks in silence: say what is missing
+        raise BadInput(f"--app {spec!r}: name a module or a FILE.py (without --app, serve "
+                       f"runs the built-in tasks)")
     try:
         if spec.endswith(".py") or os.sep in spec:
             path = os.path.abspath(spec)
@@ -4529,7 +4536,7 @@ def _build_cli():
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst,
                                     output_limit=output_limit)
-        tasks, app_files = load_app_with_files(app) if app else (None, [])
+        tasks, app_files = load_app_with_files(app) if app is not None else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:
             click.echo(f"litequeue: warning: {warning}", err=True)

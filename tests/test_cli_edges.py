@@ -185,3 +185,36 @@ def test_ctrl_c_while_the_app_imports_exits_130_not_bad_input(tmp_path):
     assert code == 130, stderr
     assert "bad input" not in stderr and "cannot import" not in stderr
     assert "Traceback" not in stderr
+
+
+# -- 4. --app "" and what a new file's catalogue lists ------------------------------------------
+
+@pytest.mark.parametrize("app", ["", "  "])
+def test_an_empty_app_is_bad_input_not_the_demo_tasks(tmp_path, app):
+    code, out, err = main("serve", "--burst", "--app", app, "--db", tmp_path / "q.db")
+    assert code == litequeue.EXIT_BAD_INPUT
+    assert err.startswith("litequeue: error: --app") and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "q.db")
+
+
+def test_a_new_file_lists_only_heartbeat_so_a_demo_name_on_an_apps_file_warns(tmp_path):
+    db = str(tmp_path / "app.db")
+    with litequeue.Queue(db) as q:
+        assert set(q.catalogue()) == {"heartbeat"}
+
+        @q.task
+        def resize(ctx):
+            return None
+    result = invoke("enqueue", "echo", "--db", db)
+    assert result.exit_code == 0
+    assert "'echo' is not in this file's catalogue" in result.stderr
+
+
+def test_serving_the_demo_tasks_stores_them_in_the_catalogue(tmp_path):
+    db = str(tmp_path / "demo.db")
+    result = run_cli("serve", "--burst", db=db)
+    assert result.returncode == 0, result.stderr
+    with litequeue.Queue(db) as q:
+        assert {"heartbeat", "echo", "sleep"} <= set(q.catalogue())
+    enqueued = invoke("enqueue", "echo", "--db", db)
+    assert enqueued.exit_code == 0 and enqueued.stderr == ""
