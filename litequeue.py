@@ -990,6 +990,10 @@ def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.
 # Queue: the public API
 # ======================================================================================
 
+# A waiting job whose TTL ran out by :at: the sweep skips it, and reads count it skipped.
+_EXPIRED = "expires_at IS NOT NULL AND expires_at <= :at"
+
+
 class _Store:
     """A litequeue file's connection and what every part of the API writes with: one
     transaction helper (BEGIN IMMEDIATE), reads read to the end, events.
@@ -1444,8 +1448,7 @@ class _Leases(_Store):
 
     def expire(self, *, at=None):
         """Skip every waiting job whose TTL ran out, whatever else holds it back."""
-        return self._skip_where("expires_at IS NOT NULL AND expires_at <= :at", None, at,
-                                "expired", None)
+        return self._skip_where(_EXPIRED, None, at, "expired", None)
 
     def _skip_where(self, condition, tasks, at, reason, pressure):
         at = now() if at is None else at
@@ -1507,14 +1510,17 @@ class _Operator(_Leases):
         clause = " AND ".join(f"{name} = ?" for name in given)
         return (f"WHERE {clause}" if given else ""), list(given.values())
 
-    def stats(self):
-        """{"jobs": counts by state, "priorities": {priority: {state: n}}}."""
+    def stats(self, at=None):
+        """{"jobs": counts by state, "priorities": {priority: {state: n}}}. A queued job whose
+        TTL ran out by `at` counts as skipped, as the next sweep (expire()) will store it:
+        a read never writes, and without a supervisor nobody sweeps."""
         counts = {state: 0 for state in STATES}
         by_priority = {name: {} for name in PRIORITIES}
-        for row in self._read("SELECT state, priority, count(*) AS n FROM jobs"
-                              " GROUP BY state, priority"):
-            counts[row["state"]] += row["n"]
-            by_priority[PRIORITY_NAMES[row["priority"]]][row["state"]] = row["n"]
+        for row in self._read(f"SELECT CASE WHEN state = 'queued' AND {_EXPIRED} THEN 'skipped'"
+                              f" ELSE state END AS shown, priority, count(*) AS n FROM jobs"
+                              f" GROUP BY shown, priority", {"at": now() if at is None else at}):
+            counts[row["shown"]] += row["n"]
+            by_priority[PRIORITY_NAMES[row["priority"]]][row["shown"]] = row["n"]
         return {"jobs": counts, "priorities": by_priority}
 
     def reset_breaker(self, task):
@@ -1540,7 +1546,7 @@ class _Operator(_Leases):
     def status(self, at=None):
         """Everything `status` shows, as one dict (the keys of `status --json`)."""
         at = now() if at is None else at
-        stats = self.stats()
+        stats = self.stats(at)
         supervisors = self.live_supervisors(at)
         served = set()
         reported = {}                               # job id: what its supervisor reported
@@ -1557,7 +1563,8 @@ class _Operator(_Leases):
                          else {"done": r["progress_done"], "total": r["progress_total"]}),
         } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
         waiting = [r["task"] for r in self._read(
-            "SELECT DISTINCT task FROM jobs WHERE state = 'queued'")]
+            f"SELECT DISTINCT task FROM jobs WHERE state = 'queued' AND NOT ({_EXPIRED})",
+            {"at": at})]
         heartbeat = self._read("SELECT value FROM meta WHERE key = 'heartbeat_at'")
         return {
             "jobs": stats["jobs"],

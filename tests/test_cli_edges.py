@@ -2,6 +2,7 @@
 that name their flag, Ctrl-C, --app "", the catalogue of a new file, expired jobs in status,
 help texts. The click runner for most cases, real `python litequeue.py` where it matters."""
 
+import datetime
 import json
 import os
 import signal
@@ -12,9 +13,10 @@ import time
 import apsw
 import pytest
 from click.testing import CliRunner
+from freezegun import freeze_time
 
 import litequeue
-from conftest import SCRIPT, run_cli, wait_for, write_app
+from conftest import SCRIPT, file_digest, run_cli, wait_for, write_app
 
 
 @pytest.fixture(autouse=True)
@@ -218,3 +220,26 @@ def test_serving_the_demo_tasks_stores_them_in_the_catalogue(tmp_path):
         assert {"heartbeat", "echo", "sleep"} <= set(q.catalogue())
     enqueued = invoke("enqueue", "echo", "--db", db)
     assert enqueued.exit_code == 0 and enqueued.stderr == ""
+
+
+# -- 5. status counts a job whose TTL ran out as skipped, without writing --------------------
+
+def test_status_counts_expired_jobs_as_skipped_and_writes_nothing(tmp_path):
+    db = str(tmp_path / "q.db")
+    with litequeue.Queue(db) as q:
+        expired = q.enqueue("heartbeat", ttl="1s", priority="high")
+        q.enqueue("heartbeat", ttl="1h", unique="other")
+    before = file_digest(db)
+    later = {"LITEQUEUE_DB": db}
+    with freeze_time(datetime.datetime.fromtimestamp(time.time() + 60, datetime.timezone.utc)):
+        result = invoke("status", "--json", env=later)
+    assert result.exit_code == 0, (result.output, result.exception)
+    status = json.loads(result.stdout)
+    assert (status["jobs"]["queued"], status["jobs"]["skipped"]) == (1, 1)
+    assert status["priorities"]["high"] == {"skipped": 1}
+    assert status["unserved"] == ["heartbeat"]
+    assert file_digest(db) == before                     # read-only: nothing swept
+    with litequeue.Queue(db) as q:
+        assert q.get(expired).state == "queued"          # until a supervisor sweeps it
+        q.expire(at=time.time() + 60)
+        assert q.stats()["jobs"]["skipped"] == 1 and q.get(expired).state == "skipped"
