@@ -4500,10 +4500,14 @@ def _build_cli():
 
     @cli.command()
     @db_option
-    @click.option("--app", help="module or FILE.py whose Queue objects register the tasks")
+    @click.option("--app", help="module or FILE.py whose Queue objects register the tasks; "
+                                "without it, serve runs the built-in heartbeat and the demo "
+                                "tasks (echo, sleep, hog, chunked, fail)")
     @click.option("--slots", type=int, default=2, show_default=True, help="jobs at once")
-    @click.option("--memory-limit", default="400M", show_default=True, help="per job")
-    @click.option("--memory-budget", help="for the supervisor and all its children")
+    @click.option("--memory-limit", default="400M", show_default=True,
+                  help="per job, at least 1 MiB: 400M, 1G, 512MiB or bytes")
+    @click.option("--memory-budget", help="for the supervisor and all its children, at least "
+                                          "1 MiB: 400M, 1G, 512MiB or bytes")
     @click.option("--poll", default="0.25", show_default=True, help="memory poll interval (s)")
     @click.option("--thresholds", default="70,85,95", show_default=True,
                   help="skip,preempt,emergency (%)")
@@ -4518,18 +4522,24 @@ def _build_cli():
                        "reused after a clean finish and each job's memory limit is a soft rlimit")
     @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
     @click.option("--output-limit", default=DEFAULT_OUTPUT_LIMIT, show_default=True,
-                  help="one job's output; a job writing past it is stopped")
+                  help="one job's output (400M, 1G, 512MiB or bytes); a job writing past "
+                       "it is stopped")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")
-    @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True)
-    @click.option("--breaker-window", default=str(BREAKER_WINDOW_S), show_default=True)
-    @click.option("--breaker-cooldown", default=str(BREAKER_COOLDOWN_S), show_default=True)
-    @click.option("--log-level", default="info", show_default=True,
+    @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True,
+                  help="failures of a task within --breaker-window that open its breaker")
+    @click.option("--breaker-window", default=str(BREAKER_WINDOW_S), show_default=True,
+                  help="how far back failures count (30s, 5m or seconds)")
+    @click.option("--breaker-cooldown", default=str(BREAKER_COOLDOWN_S), show_default=True,
+                  help="how long an open breaker holds a task's jobs back before one trial "
+                       "job runs (30s, 5m or seconds)")
+    @click.option("--log-level", default="info", show_default=True, help="stderr log detail",
                   type=click.Choice(["debug", "info", "warning", "error"]))
     def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
               grace, keep, jobs_per_child, burst, output_limit, durability, breaker_failures,
               breaker_window, breaker_cooldown, log_level):
-        """Run the supervisor."""
+        """Run the supervisor: the tasks of --app, else the built-in heartbeat and demo
+        tasks (echo, sleep, hog, chunked, fail)."""
         try:
             levels = [float(t) for t in thresholds.split(",")]
             margin_pct = float(margin)
@@ -4574,9 +4584,11 @@ def _build_cli():
     @click.option("--unique", help="key: while a job with it waits or runs, print its id")
     @click.option("--delay", help="seconds or 30s, 5m ...")
     @click.option("--ttl", help="skip the job if it has not started this long after due")
-    @click.option("--max-attempts", type=int)
-    @click.option("--timeout", help="per run")
-    @click.option("--memory-limit", help="per run, e.g. 200M")
+    @click.option("--max-attempts", type=int,
+                  help=f"runs before the job is dead "
+                       f"[default: the task's, else {DEFAULT_MAX_ATTEMPTS}]")
+    @click.option("--timeout", help="per run (30s, 5m or seconds)")
+    @click.option("--memory-limit", help="per run, at least 1 MiB: 400M, 1G, 512MiB or bytes")
     @click.option("--wait", help="if the queue is full, wait up to this long for room (30s)")
     def enqueue(db, task, payload, priority, unique, delay, ttl, max_attempts, timeout,
                 memory_limit, wait):
@@ -4598,7 +4610,7 @@ def _build_cli():
 
     @cli.command()
     @db_option
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def status(db, as_json):
         """Counts, running jobs, memory level, breakers, heartbeat age."""
         queue = open_queue(db, create=False)
@@ -4615,10 +4627,10 @@ def _build_cli():
 
     @jobs.command("list")
     @db_option
-    @click.option("--state", type=click.Choice(STATES))
-    @click.option("--task")
-    @click.option("--limit", type=int, default=50, show_default=True)
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--state", type=click.Choice(STATES), help="only jobs in this state")
+    @click.option("--task", help="only jobs of this task")
+    @click.option("--limit", type=int, default=50, show_default=True, help="show the newest N")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def jobs_list(db, state, task, limit, as_json):
         """Jobs, newest first."""
         found = open_queue(db, create=False).jobs(state=state, task=task, limit=limit)
@@ -4677,7 +4689,7 @@ def _build_cli():
     @click.option("--since", help="only events this recent, e.g. 30m, 2h, 7d")
     @click.option("--limit", type=int, default=1000, show_default=True,
                   help="show the latest N")
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def events(db, job_id, kind, since, limit, as_json):
         """State changes, the governor's decisions and levels, breaker transitions."""
         since_s = None if since is None else parse_duration(since, "--since")
@@ -4703,7 +4715,7 @@ def _build_cli():
 
     @breaker.command("list")
     @db_option
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def breaker_list(db, as_json):
         """Every task's breaker."""
         found = open_queue(db, create=False).breakers()

@@ -243,3 +243,40 @@ def test_status_counts_expired_jobs_as_skipped_and_writes_nothing(tmp_path):
         assert q.get(expired).state == "queued"          # until a supervisor sweeps it
         q.expire(at=time.time() + 60)
         assert q.stats()["jobs"]["skipped"] == 1 and q.get(expired).state == "skipped"
+
+
+# -- 6. help texts -------------------------------------------------------------------------------
+
+def all_commands(group, path=()):
+    import click
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from all_commands(command, path + (name,))
+        else:
+            yield path + (name,), command
+
+
+def test_every_option_says_what_it_is():
+    cli = litequeue._build_cli()
+    missing = [f"{' '.join(path)} {param.opts[0]}"
+               for path, command in all_commands(cli) for param in command.params
+               if param.param_type_name == "option" and not param.help]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command, option", [
+    ("serve", "--memory-limit"), ("serve", "--memory-budget"), ("serve", "--output-limit"),
+    ("enqueue", "--memory-limit"),
+])
+def test_size_options_say_which_formats_they_take(command, option):
+    (param,) = [p for p in litequeue._build_cli().commands[command].params if option in p.opts]
+    assert all(form in param.help for form in ("400M", "1G", "512MiB")), param.help
+
+
+def test_serve_help_says_what_runs_without_app():
+    result = invoke("serve", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "without it, serve runs the built-in heartbeat and the demo tasks" in text
+    for name in ("--breaker-failures", "--breaker-window", "--breaker-cooldown"):
+        assert name in text
