@@ -110,6 +110,7 @@ LEVELS = ("normal", "skip", "preempt", "emergency")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_QUEUE_FULL, EXIT_DB_UNUSABLE = 0, 2, 3, 4
 EXIT_CHILD_STOPPED = 75          # a child that stopped at a checkpoint because it was asked
+EXIT_INTERRUPTED = 130           # Ctrl-C, as a shell reports a process SIGINT ended
 # How a run that did not finish done ends, besides cancelled: the queue then decides the
 # state (a failure is retried while attempts remain; a requeue may be charged an attempt).
 ENDING_FAILED, ENDING_REQUEUED = "failed", "requeued"
@@ -325,9 +326,23 @@ def parse_size(value, what="size"):
             number = float(number)
         except ValueError:
             raise BadInput(f"{what}: {value!r} is not a size (try 400M, 1G, 512MiB)") from None
-    if not (number == number and 0 < number * _SIZE_UNITS[unit] < float(1 << 62)):
+    size = number * _SIZE_UNITS[unit]
+    if not (size == size and 0 < size < float(1 << 62)):
         raise BadInput(f"{what}: {value!r} is not a positive size below 4 EiB")
-    return int(number * _SIZE_UNITS[unit])
+    if size != int(size):                       # 0.5 was silently 0 bytes, 0.1M 104857
+        raise BadInput(f"{what}: {value!r} is not a whole number of bytes (try 400M, 1G, 512MiB)")
+    return int(size)
+
+
+def parse_memory_size(value, what="memory size"):
+    """parse_size(), for memory: at least 1 MiB, as no job runs in less. A bare `400` is
+    400 bytes, surely meant as 400M: the message says so."""
+    size = parse_size(value, what)
+    if size < MiB:
+        bare = not isinstance(value, str) or str(value).strip().isdigit()
+        hint = f"; did you mean {str(value).strip()}M?" if bare else " (try 400M, 1G, 512MiB)"
+        raise BadInput(f"{what}: {value!r} is {size} bytes, under 1 MiB{hint}")
+    return size
 
 
 def parse_duration(value, what="duration", allow_zero=True):
@@ -375,26 +390,30 @@ def _is_utf8(text):
 
 
 def parse_job_options(priority=None, unique=None, delay=None, ttl=None, max_attempts=None,
-                      timeout=None, memory_limit=None):
-    """Per-job overrides of enqueue, validated; None where not given (the task's default)."""
+                      timeout=None, memory_limit=None, flags=False):
+    """Per-job overrides of enqueue, validated; None where not given (the task's default).
+    Errors name the parameters (memory_limit), or with flags=True the command line's
+    options (--memory-limit)."""
+    def named(name):
+        return f"--{name.replace('_', '-')}" if flags else name
     return {
         "priority": None if priority is None else parse_priority(priority),
         "unique": (unique if unique is None or isinstance(unique, bool)
-                   else check_name(unique, "unique key")),
-        "delay_s": 0.0 if delay is None else parse_duration(delay, "delay"),
-        "ttl_s": None if ttl is None else parse_duration(ttl, "ttl", allow_zero=False),
+                   else check_name(unique, f"{named('unique')} key")),
+        "delay_s": 0.0 if delay is None else parse_duration(delay, named("delay")),
+        "ttl_s": None if ttl is None else parse_duration(ttl, named("ttl"), allow_zero=False),
         "max_attempts": (None if max_attempts is None
-                         else parse_positive_int(max_attempts, "max_attempts")),
-        "timeout_s": None if timeout is None else parse_duration(timeout, "timeout",
+                         else parse_positive_int(max_attempts, named("max_attempts"))),
+        "timeout_s": None if timeout is None else parse_duration(timeout, named("timeout"),
                                                                  allow_zero=False),
         "memory_limit_bytes": (None if memory_limit is None
-                               else parse_size(memory_limit, "memory_limit")),
+                               else parse_memory_size(memory_limit, named("memory_limit"))),
     }
 
 
-def _checked_input(task, payload=None, **options):
+def _checked_input(task, payload=None, flags=False, **options):
     """(task, payload as JSON, options) of an enqueue, all validated before any write."""
-    return check_name(task), dumps_json(payload), parse_job_options(**options)
+    return check_name(task), dumps_json(payload), parse_job_options(flags=flags, **options)
 
 
 def check_name(value, what="task name"):
@@ -629,6 +648,27 @@ def open_database(path, *, durable=True, busy_timeout_s=DEFAULT_BUSY_TIMEOUT_S, 
             raise _translate(exc, path) from None
         raise
     return _configure(conn, path, durable, busy_timeout_s)
+
+
+# SQLite's own busy handler's sleeps (sqliteDefaultBusyCallback), in seconds.
+_BUSY_SLEEPS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
+
+
+def interruptible_busy_handler(timeout_s, clock=time.monotonic):
+    """A busy handler for apsw's set_busy_handler() that waits like SQLite's own, but sleeps
+    in Python: SQLite's sleeps in C, where a Ctrl-C only lands once the whole busy timeout
+    is over (10 s). A KeyboardInterrupt raised in its sleep ends the statement with it."""
+    started = []
+
+    def handler(count):
+        if count == 0:
+            started[:] = [clock()]
+        left = timeout_s - (clock() - started[0]) if started else timeout_s
+        if left <= 0:
+            return False
+        time.sleep(min(_BUSY_SLEEPS_S[min(count, len(_BUSY_SLEEPS_S) - 1)], left))
+        return True
+    return handler
 
 
 def _configure(conn, path, durable, busy_timeout_s):
@@ -960,6 +1000,10 @@ def backoff_s(attempts, base_s=BACKOFF_BASE_S, cap_s=BACKOFF_CAP_S, rand=random.
 # ======================================================================================
 # Queue: the public API
 # ======================================================================================
+
+# A waiting job whose TTL ran out by :at: the sweep skips it, and reads count it skipped.
+_EXPIRED = "expires_at IS NOT NULL AND expires_at <= :at"
+
 
 class _Store:
     """A litequeue file's connection and what every part of the API writes with: one
@@ -1428,8 +1472,7 @@ class _Leases(_Store):
 
     def expire(self, *, at=None):
         """Skip every waiting job whose TTL ran out, whatever else holds it back."""
-        return self._skip_where("expires_at IS NOT NULL AND expires_at <= :at", None, at,
-                                "expired", None)
+        return self._skip_where(_EXPIRED, None, at, "expired", None)
 
     def _skip_where(self, condition, tasks, at, reason, pressure):
         at = now() if at is None else at
@@ -1548,14 +1591,17 @@ class _Operator(_Leases):
         clause = " AND ".join(f"{name} = ?" for name in given)
         return (f"WHERE {clause}" if given else ""), list(given.values())
 
-    def stats(self):
-        """{"jobs": counts by state, "priorities": {priority: {state: n}}}."""
+    def stats(self, at=None):
+        """{"jobs": counts by state, "priorities": {priority: {state: n}}}. A queued job whose
+        TTL ran out by `at` counts as skipped, as the next sweep (expire()) will store it:
+        a read never writes, and without a supervisor nobody sweeps."""
         counts = {state: 0 for state in STATES}
         by_priority = {name: {} for name in PRIORITIES}
-        for row in self._read("SELECT state, priority, count(*) AS n FROM jobs"
-                              " GROUP BY state, priority"):
-            counts[row["state"]] += row["n"]
-            by_priority[PRIORITY_NAMES[row["priority"]]][row["state"]] = row["n"]
+        for row in self._read(f"SELECT CASE WHEN state = 'queued' AND {_EXPIRED} THEN 'skipped'"
+                              f" ELSE state END AS shown, priority, count(*) AS n FROM jobs"
+                              f" GROUP BY shown, priority", {"at": now() if at is None else at}):
+            counts[row["shown"]] += row["n"]
+            by_priority[PRIORITY_NAMES[row["priority"]]][row["shown"]] = row["n"]
         return {"jobs": counts, "priorities": by_priority}
 
     def reset_breaker(self, task):
@@ -1581,7 +1627,7 @@ class _Operator(_Leases):
     def status(self, at=None):
         """Everything `status` shows, as one dict (the keys of `status --json`)."""
         at = now() if at is None else at
-        stats = self.stats()
+        stats = self.stats(at)
         supervisors = self.live_supervisors(at)
         served = set()
         reported = {}                               # job id: what its supervisor reported
@@ -1598,7 +1644,8 @@ class _Operator(_Leases):
                          else {"done": r["progress_done"], "total": r["progress_total"]}),
         } for r in self._read("SELECT * FROM jobs WHERE state = 'running' ORDER BY id")]
         waiting = [r["task"] for r in self._read(
-            "SELECT DISTINCT task FROM jobs WHERE state = 'queued'")]
+            f"SELECT DISTINCT task FROM jobs WHERE state = 'queued' AND NOT ({_EXPIRED})",
+            {"at": at})]
         heartbeat = self._read("SELECT value FROM meta WHERE key = 'heartbeat_at'")
         return {
             "jobs": stats["jobs"],
@@ -1813,6 +1860,8 @@ class Queue(_Operator):
         """Register a task (decorator, with or without arguments) and store its defaults in
         the file's catalogue."""
         def register(func):
+            if memory_limit is not None:
+                parse_memory_size(memory_limit, "memory_limit")
             defaults = TaskDefaults(name or func.__name__, priority, max_attempts, timeout,
                                     memory_limit, ttl, shed, unique, breaker_failures,
                                     breaker_window)
@@ -3129,15 +3178,19 @@ DEMO_TASKS = {
 
 
 def builtin_catalogue():
-    """(fn, defaults) of every built-in task, as a new file's catalogue lists them."""
-    return [(_heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"]), *DEMO_TASKS.values()]
+    """(fn, defaults) of the tasks a new file's catalogue lists: `heartbeat` alone. The demo
+    tasks are stored by a supervisor that serves them (`serve` without --app) when it
+    registers: listed in every file, `enqueue echo` to an app's file was never warned about."""
+    return [(_heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"])]
 
 
 def builtin_tasks(queue, demos=False):
-    """{name: Task} of the built-in tasks, bound to queue."""
+    """{name: Task} of the built-in tasks, bound to queue. With demos, they are declared in
+    its file's catalogue too, as @queue.task declares a task (`serve` without --app)."""
     tasks = {"heartbeat": Task(queue, _heartbeat, BUILTIN_TASK_DEFAULTS["heartbeat"])}
     if demos:
         tasks.update({name: Task(queue, fn, defaults) for name, (fn, defaults) in DEMO_TASKS.items()})
+        queue.store_catalogue([defaults for _, defaults in DEMO_TASKS.values()])
     return tasks
 
 
@@ -3173,9 +3226,9 @@ class SupervisorOptions:
                  output_limit=DEFAULT_OUTPUT_LIMIT):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
-        self.memory_limit_bytes = parse_size(memory_limit, "--memory-limit")
+        self.memory_limit_bytes = parse_memory_size(memory_limit, "--memory-limit")
         self.memory_budget_bytes = (None if memory_budget is None
-                                    else parse_size(memory_budget, "--memory-budget"))
+                                    else parse_memory_size(memory_budget, "--memory-budget"))
         self.poll_s = parse_duration(poll, "--poll", allow_zero=False)
         tracker = LevelTracker(thresholds, margin, parse_duration(hold, "--hold"))
         self.thresholds, self.margin, self.hold_s = tracker.thresholds, tracker.margin, tracker.hold_s
@@ -4582,6 +4635,9 @@ def load_app_with_files(spec):
     """({name: Task}, [the path each of its Queue objects opened, as given]) of an --app."""
     import importlib
     import importlib.util
+    if not spec.strip():                # not the demo tasks in silence: say what is missing
+        raise BadInput(f"--app {spec!r}: name a module or a FILE.py (without --app, serve "
+                       f"runs the built-in tasks)")
     try:
         if spec.endswith(".py") or os.sep in spec:
             path = os.path.abspath(spec)
@@ -4596,7 +4652,7 @@ def load_app_with_files(spec):
         else:
             sys.path.insert(0, os.getcwd())
             module = importlib.import_module(spec)
-    except Error:
+    except (Error, KeyboardInterrupt):  # Ctrl-C while it imports: exit 130, not bad input
         raise
     except BaseException as exc:        # SystemExit and friends from app code are bad input too
         message = str(exc).strip().splitlines()[-1:] or [""]
@@ -4739,28 +4795,55 @@ def format_event(event):
 def _build_cli():
     import click
 
+    db_help = ("database file [default: $LITEQUEUE_DB, else ./litequeue.db; for serve "
+               "without either, the file the --app's Queue opens]")
+
+    def remember_db(ctx, param, value):
+        # `litequeue --db X status` and `litequeue jobs --db X list`: a group's --db is kept
+        # in the context for the command below it (ctx.meta is shared down the chain).
+        if value is not None:
+            ctx.meta["litequeue.db"] = value
+
+    def group_db_option(group):
+        return click.option("--db", default=None, expose_value=False,
+                            callback=remember_db, help=db_help)(group)
+
+    def resolve_db(ctx, param, value):
+        # The nearest --db wins (the command's, else a group's), then $LITEQUEUE_DB, then
+        # ./litequeue.db; serve without any leaves None for served_file() to decide.
+        value = value if value is not None else ctx.meta.get("litequeue.db")
+        value = value if value is not None else os.environ.get("LITEQUEUE_DB") or None
+        return value if value is not None or ctx.info_name == "serve" else default_db_path()
+
     def db_option(command):
-        # No default here: `serve --app` without --db serves the app's own file.
-        return click.option("--db", envvar="LITEQUEUE_DB", default=None,
-                            callback=lambda ctx, param, value: value if value is not None or (
-                                ctx.info_name == "serve") else default_db_path(),
-                            help="database file [default: $LITEQUEUE_DB, else ./litequeue.db; "
-                                 "for serve --app, the file the app's Queue opens]")(command)
+        return click.option("--db", default=None, callback=resolve_db, help=db_help)(command)
+
+    def open_queue(db, **options):
+        # A command's waits on a locked file end at Ctrl-C (exit 130), not after the busy
+        # timeout; serve keeps SQLite's own wait, its loop handles SIGINT itself.
+        queue = Queue(db, **options)
+        queue.conn.set_busy_handler(interruptible_busy_handler(queue.busy_timeout_s))
+        return queue
 
     def echo_json(value):
         click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="litequeue")
+    @group_db_option
     def cli():
         """litequeue: an embedded work queue in one SQLite file."""
 
     @cli.command()
     @db_option
-    @click.option("--app", help="module or FILE.py whose Queue objects register the tasks")
+    @click.option("--app", help="module or FILE.py whose Queue objects register the tasks; "
+                                "without it, serve runs the built-in heartbeat and the demo "
+                                "tasks (echo, sleep, hog, chunked, fail)")
     @click.option("--slots", type=int, default=2, show_default=True, help="jobs at once")
-    @click.option("--memory-limit", default="400M", show_default=True, help="per job")
-    @click.option("--memory-budget", help="for the supervisor and all its children")
+    @click.option("--memory-limit", default="400M", show_default=True,
+                  help="per job, at least 1 MiB: 400M, 1G, 512MiB or bytes")
+    @click.option("--memory-budget", help="for the supervisor and all its children, at least "
+                                          "1 MiB: 400M, 1G, 512MiB or bytes")
     @click.option("--poll", default="0.25", show_default=True, help="memory poll interval (s)")
     @click.option("--thresholds", default="70,85,95", show_default=True,
                   help="skip,preempt,emergency (%)")
@@ -4775,18 +4858,24 @@ def _build_cli():
                        "reused after a clean finish and each job's memory limit is a soft rlimit")
     @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
     @click.option("--output-limit", default=DEFAULT_OUTPUT_LIMIT, show_default=True,
-                  help="one job's output; a job writing past it is stopped")
+                  help="one job's output (400M, 1G, 512MiB or bytes); a job writing past "
+                       "it is stopped")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")
-    @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True)
-    @click.option("--breaker-window", default=str(BREAKER_WINDOW_S), show_default=True)
-    @click.option("--breaker-cooldown", default=str(BREAKER_COOLDOWN_S), show_default=True)
-    @click.option("--log-level", default="info", show_default=True,
+    @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True,
+                  help="failures of a task within --breaker-window that open its breaker")
+    @click.option("--breaker-window", default=str(BREAKER_WINDOW_S), show_default=True,
+                  help="how far back failures count (30s, 5m or seconds)")
+    @click.option("--breaker-cooldown", default=str(BREAKER_COOLDOWN_S), show_default=True,
+                  help="how long an open breaker holds a task's jobs back before one trial "
+                       "job runs (30s, 5m or seconds)")
+    @click.option("--log-level", default="info", show_default=True, help="stderr log detail",
                   type=click.Choice(["debug", "info", "warning", "error"]))
     def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
               grace, keep, jobs_per_child, burst, output_limit, durability, breaker_failures,
               breaker_window, breaker_cooldown, log_level):
-        """Run the supervisor."""
+        """Run the supervisor: the tasks of --app, else the built-in heartbeat and demo
+        tasks (echo, sleep, hog, chunked, fail)."""
         try:
             levels = [float(t) for t in thresholds.split(",")]
             margin_pct = float(margin)
@@ -4800,7 +4889,7 @@ def _build_cli():
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst,
                                     output_limit=output_limit)
-        tasks, app_files = load_app_with_files(app) if app else (None, [])
+        tasks, app_files = load_app_with_files(app) if app is not None else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:
             click.echo(f"litequeue: warning: {warning}", err=True)
@@ -4831,9 +4920,11 @@ def _build_cli():
     @click.option("--unique", help="key: while a job with it waits or runs, print its id")
     @click.option("--delay", help="seconds or 30s, 5m ...")
     @click.option("--ttl", help="skip the job if it has not started this long after due")
-    @click.option("--max-attempts", type=int)
-    @click.option("--timeout", help="per run")
-    @click.option("--memory-limit", help="per run, e.g. 200M")
+    @click.option("--max-attempts", type=int,
+                  help=f"runs before the job is dead "
+                       f"[default: the task's, else {DEFAULT_MAX_ATTEMPTS}]")
+    @click.option("--timeout", help="per run (30s, 5m or seconds)")
+    @click.option("--memory-limit", help="per run, at least 1 MiB: 400M, 1G, 512MiB or bytes")
     @click.option("--wait", help="if the queue is full, wait up to this long for room (30s)")
     def enqueue(db, task, payload, priority, unique, delay, ttl, max_attempts, timeout,
                 memory_limit, wait):
@@ -4841,9 +4932,9 @@ def _build_cli():
         value = None if payload is None else loads_json(payload)
         options = dict(priority=priority, unique=unique, delay=delay, ttl=ttl,
                        max_attempts=max_attempts, timeout=timeout, memory_limit=memory_limit)
-        _checked_input(task, value, **options)   # all input checked before the file is opened
+        _checked_input(task, value, flags=True, **options)   # all checked before the file opens
         options["wait"] = _checked_wait(wait, "--wait")
-        queue = Queue(db)
+        queue = open_queue(db)
         if not queue.is_known_task(task):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
                        f"(a typo?); enqueued with the global defaults", err=True)
@@ -4855,10 +4946,10 @@ def _build_cli():
 
     @cli.command()
     @db_option
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def status(db, as_json):
         """Counts, running jobs, memory level, breakers, heartbeat age."""
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         result = queue.status()
         if as_json:
             echo_json(result)
@@ -4878,18 +4969,19 @@ def _build_cli():
             write_atomically(textfile, text)
 
     @cli.group()
+    @group_db_option
     def jobs():
         """Inspect and steer jobs."""
 
     @jobs.command("list")
     @db_option
-    @click.option("--state", type=click.Choice(STATES))
-    @click.option("--task")
-    @click.option("--limit", type=int, default=50, show_default=True)
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--state", type=click.Choice(STATES), help="only jobs in this state")
+    @click.option("--task", help="only jobs of this task")
+    @click.option("--limit", type=int, default=50, show_default=True, help="show the newest N")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def jobs_list(db, state, task, limit, as_json):
         """Jobs, newest first."""
-        found = Queue(db, create=False).jobs(state=state, task=task, limit=limit)
+        found = open_queue(db, create=False).jobs(state=state, task=task, limit=limit)
         if as_json:
             echo_json([job.to_dict() for job in found])
             return
@@ -4903,7 +4995,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_show(db, job_id):
         """One job and its events, as JSON."""
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         job = queue.get(job_id)
         echo_json({**job.to_dict(), "output_bytes": queue.output_bytes(job.id),
                    "events": queue.events(job_id=job.id)})
@@ -4918,7 +5010,7 @@ def _build_cli():
         """Print a job's output (its bytes as written)."""
         if tail is not None and tail < 0:
             raise BadInput(f"--tail {tail}: a number of lines, 0 or more")
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         job = queue.get(job_id)
         print_output(queue, job.id, follow=follow, tail=tail, out=sys.stdout.buffer)
 
@@ -4927,7 +5019,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_cancel(db, job_id):
         """Cancel a queued job, or ask a running one to stop."""
-        state = Queue(db, create=False).cancel(job_id)
+        state = open_queue(db, create=False).cancel(job_id)
         click.echo("cancelled" if state == CANCELLED else
                    "cancel requested: its supervisor will stop it")
 
@@ -4936,7 +5028,7 @@ def _build_cli():
     @click.argument("job_id")
     def jobs_retry(db, job_id):
         """Put a dead, skipped or cancelled job back to queued."""
-        click.echo(Queue(db, create=False).retry(job_id))
+        click.echo(open_queue(db, create=False).retry(job_id))
 
     @cli.command()
     @db_option
@@ -4945,13 +5037,13 @@ def _build_cli():
     @click.option("--since", help="only events this recent, e.g. 30m, 2h, 7d")
     @click.option("--limit", type=int, default=1000, show_default=True,
                   help="show the latest N")
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def events(db, job_id, kind, since, limit, as_json):
         """State changes, the governor's decisions and levels, breaker transitions."""
         since_s = None if since is None else parse_duration(since, "--since")
         if job_id is not None:
             job_id = Queue._job_id(job_id)
-        queue = Queue(db, create=False)
+        queue = open_queue(db, create=False)
         if job_id is not None:
             queue.get(job_id)                   # "no job N", not an empty answer
         found = queue.events(job_id=job_id, kind=kind, limit=limit, newest=True,
@@ -4965,15 +5057,16 @@ def _build_cli():
             click.echo(format_event(event))
 
     @cli.group()
+    @group_db_option
     def breaker():
         """Inspect and reset circuit breakers."""
 
     @breaker.command("list")
     @db_option
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
     def breaker_list(db, as_json):
         """Every task's breaker."""
-        found = Queue(db, create=False).breakers()
+        found = open_queue(db, create=False).breakers()
         if as_json:
             echo_json(found)
             return
@@ -4985,7 +5078,7 @@ def _build_cli():
     @click.argument("task")
     def breaker_reset(db, task):
         """Close a task's breaker."""
-        before = Queue(db, create=False).reset_breaker(check_name(task))
+        before = open_queue(db, create=False).reset_breaker(check_name(task))
         click.echo(f"{task}: {before} -> closed")
 
     @cli.command()
@@ -4994,7 +5087,7 @@ def _build_cli():
     def purge(db, older_than):
         """Delete final jobs older than that, with their events and checkpoints."""
         seconds = parse_duration(older_than, "--older-than")
-        click.echo(f"purged {Queue(db, create=False).purge(seconds)} jobs")
+        click.echo(f"purged {open_queue(db, create=False).purge(seconds)} jobs")
 
     @cli.command()
     @db_option
@@ -5030,8 +5123,8 @@ def main(argv=None):
         return result if isinstance(result, int) else EXIT_OK
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:   # a bare group (click
         # >= 8.2): its help, as usage, without an "error:" in front
         print(exc.format_message(), file=sys.stderr)

@@ -78,6 +78,7 @@ def assert_one_line_error(stderr):
 
 def make_db(path, max_depth=None):
     with litequeue.Queue(str(path), max_depth=max_depth) as queue:
+        litequeue.builtin_tasks(queue, demos=True)  # declared, as `serve` without --app does
         queue.enqueue("echo", {"seed": 1})
     return str(path)
 
@@ -85,6 +86,7 @@ def make_db(path, max_depth=None):
 def one_of_each_state(path):
     """A file with exactly one job in each of the six states (and a 'fail' breaker row)."""
     with litequeue.Queue(str(path)) as q:
+        litequeue.builtin_tasks(q, demos=True)      # declared, as `serve` without --app does
         ids = {}
         ids["done"] = q.enqueue("echo", {"n": 1}, priority="critical")
         job = q.claim("w1")[0]
@@ -106,6 +108,8 @@ def one_of_each_state(path):
 # -- enqueue -------------------------------------------------------------------------------
 
 def test_enqueue_prints_the_job_id(db_path):
+    with litequeue.Queue(db_path) as q:
+        litequeue.builtin_tasks(q, demos=True)
     result = invoke("enqueue", "echo", "--payload", '{"doc_id": 7}', "--db", db_path)
     assert result.exit_code == 0, (result.output, result.exception)
     job_id = int(result.stdout.strip())
@@ -141,7 +145,7 @@ def test_duplicate_unique_prints_the_same_id(db_path):
 
 
 def test_enqueue_of_unknown_task_warns_on_stderr(db_path):
-    known = invoke("enqueue", "echo", "--db", db_path)
+    known = invoke("enqueue", "heartbeat", "--db", db_path)
     assert known.exit_code == 0 and known.stderr == ""
     typo = invoke("enqueue", "heartbaet", "--db", db_path)
     assert typo.exit_code == 0
