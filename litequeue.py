@@ -4935,13 +4935,15 @@ def _build_cli():
         _checked_input(task, value, flags=True, **options)   # all checked before the file opens
         options["wait"] = _checked_wait(wait, "--wait")
         queue = open_queue(db)
-        if not queue.is_known_task(task):
+        import warnings
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", UnknownTaskWarning)
+            job_id = queue.enqueue(task, value, **options)
+        # Said once the job is in (a typo that enqueued is worth a line in cron's mail; one
+        # that failed anyway has its error to say).
+        if any(issubclass(w.category, UnknownTaskWarning) for w in said):
             click.echo(f"litequeue: warning: task {task!r} is not in this file's catalogue "
                        f"(a typo?); enqueued with the global defaults", err=True)
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UnknownTaskWarning)    # said above, in one line
-            job_id = queue.enqueue(task, value, **options)
         click.echo(job_id)
 
     @cli.command()
