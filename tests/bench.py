@@ -84,6 +84,7 @@ FULL_RUN = dict(
     peer_idle_jobs=20, peer_settle_s=3.0, peer_window_s=2.0,
     output_bytes=64 * MiB, output_rounds=3, output_big_bytes=1 << 30, follow_lines=20,
     metrics_jobs=100_000, metrics_calls=50, sample_writes=500,
+    dash_jobs=100_000, dash_requests=100, dash_idle_s=10.0,
 )
 QUICK_RUN = dict(
     single_full=30, single_normal=150, single_rounds=7,
@@ -97,8 +98,10 @@ QUICK_RUN = dict(
     peer_idle_jobs=6, peer_settle_s=1.0, peer_window_s=0.5,
     output_bytes=4 * MiB, output_rounds=3, output_big_bytes=64 * MiB, follow_lines=10,
     metrics_jobs=100_000, metrics_calls=10, sample_writes=100,
+    dash_jobs=20_000, dash_requests=20, dash_idle_s=2.0,
 )
-SECTIONS = ("enqueue", "supervisor", "memory", "retention", "peers", "output", "metrics")
+SECTIONS = ("enqueue", "supervisor", "memory", "retention", "peers", "output", "metrics",
+            "dashboard")
 
 
 # ======================================================================================
@@ -2155,9 +2158,56 @@ def section_metrics(bench):
 # main
 # ======================================================================================
 
+def section_dashboard(bench):
+    """The dashboard's own process: idle RSS and CPU, and its routes' latency on a file of
+    many jobs (tests/bench_dashboard.py is the same, standalone, with more options)."""
+    import urllib.request
+    from bench_dashboard import fill
+    n = bench.n
+    t = Table("8. dashboard: its own process, on a file of many jobs")
+    db = bench.path("dashboard.db")
+    say(f"a file of {n['dash_jobs']:,} jobs (80 % done, 10 % dead, some running)")
+    fill(db, n["dash_jobs"])
+    server = subprocess.Popen([PY, SCRIPT, "dashboard", "--db", db, "--bind", "127.0.0.1:0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = "http://127.0.0.1:" + server.stdout.readline().strip().rstrip("/").rsplit(":", 1)[1]
+        process = psutil.Process(server.pid)
+        time.sleep(1.0)
+        say(f"idle dashboard over {n['dash_idle_s']:g}s")
+        cpu0 = sum(process.cpu_times()[:2])
+        time.sleep(n["dash_idle_s"])
+        idle_cpu = (sum(process.cpu_times()[:2]) - cpu0) / n["dash_idle_s"]
+        rss = process.memory_info().rss
+        baseline = idle_rss_baseline()
+        t.row("idle dashboard RSS", mb(rss), f"bare python+apsw+click+psutil {mb(baseline)}",
+              f"{rss / baseline:.2f}x", "")
+        t.row("idle dashboard CPU (% of one core)", f"{100 * idle_cpu:.2f}%", "", "", "")
+        for route, target in (("/api/status", 0.050), ("/metrics", 0.050),
+                              (f"/api/jobs/{n['dash_jobs'] // 2}", None)):
+            say(f"GET {route} x {n['dash_requests']}")
+            times = []
+            for _ in range(n["dash_requests"]):
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(url + route, timeout=30) as response:
+                    response.read()
+                times.append(time.perf_counter() - t0)
+            p50 = percentile(times, 50)
+            t.row(f"GET {route}, {n['dash_jobs'] // 1000}k jobs, p50 / p95",
+                  f"{ms(p50)} / {ms(percentile(times, 95))}", "", "",
+                  "p50 < 50 ms" if target else "", p50 < target if target else None)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    t.note("GET: sequential requests from this process over loopback; most of /api/status "
+           "and /metrics is counting jobs by state and priority over every row")
+    return t
+
+
 RUNNERS = {"enqueue": section_enqueue, "supervisor": section_supervisor,
            "memory": section_memory, "retention": section_retention, "peers": section_peers,
-           "output": section_output, "metrics": section_metrics}
+           "output": section_output, "metrics": section_metrics,
+           "dashboard": section_dashboard}
 
 
 def main(argv=None):

@@ -292,3 +292,56 @@ def test_an_unusable_file_answers_503_not_a_dropped_connection(queue, scene):
         assert (code, body) == (503, b"database is locked\n")
     finally:
         locked.close()
+
+
+def record_an_hour(queue):
+    """A supervisor's last hour as its own memory polls record it: pressure climbs through
+    skip (70 %) to preempt (85 %), holds, and falls back. Stepped with an injected pressure
+    and clocks an hour back, so the samples are written by the real recording path."""
+    class Pressure:
+        budget_bytes = None
+        pressure = 0.0
+
+        def machine_percent(self):
+            return self.pressure
+
+        def read(self, child_pids=()):
+            return litequeue.MemoryReading(self.pressure, self.pressure, 200 * litequeue.MiB)
+
+    probe = Pressure()
+    sup = litequeue.Supervisor(queue, tasks={}, probe=probe, poll=5, hold=30)
+    start_at, start_tick = litequeue.now() - 3600, 1000.0
+    for i in range(0, 3600, 10):
+        minute = i / 60
+        probe.pressure = (30 + minute * 1.5 if minute < 40 else
+                          90.0 if minute < 45 else 40.0 - (minute - 45) * 0.5)
+        sup.step(at=start_at + i, tick=start_tick + i)
+    return queue.pressure_history(litequeue.now() - 3700)
+
+
+@needs_chromium
+def test_page_draws_the_governors_last_hour(tmp_path, db_path, queue):
+    history = record_an_hour(queue)
+    assert 300 <= len(history) <= 361                      # at most one sample per 5 s
+    assert {"normal", "skip", "preempt"} <= {s["level"] for s in history}
+    server = Dashboard(db_path)
+    try:
+        png = tmp_path / "hour.png"
+        shot = chromium(tmp_path, "--window-size=1280,1100", f"--screenshot={png}",
+                        server.base + "/")
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        shutil.copy(png, "/tmp/dashboard-hour.png")             # for a person to look at
+        dom = rendered(tmp_path, server.base + "/")
+    finally:
+        server.close()
+    chart = re.search(r'<svg[^>]*id="pressure-chart".*?</svg>', dom, re.S).group(0)
+    line = re.search(r'<polyline class="pressure" points="([^"]+)"', chart)
+    assert line, chart[:2000]
+    points = [tuple(map(float, p.split(","))) for p in line.group(1).split()]
+    assert len(history) - 2 <= len(points) <= len(history)   # (the oldest may be past the hour)
+    xs = [x for x, _ in points]
+    assert xs == sorted(xs)                                  # oldest on the left
+    top = min(y for _, y in points)                          # the peak (SVG y grows down)
+    preempt_y = float(re.search(r'data-level="preempt"[^>]*y1="([\d.]+)"', chart).group(1))
+    assert top < preempt_y                                   # the 90 % plateau is above 85 %
+    assert "no pressure history recorded" not in chart
