@@ -361,37 +361,35 @@ def handover(job_id):
     return b"J " + litequeue.json.dumps({"job": fields, "memory_limit_bytes": MiB}).encode()
 
 
-def test_a_drop_sent_after_jobs_handed_ahead_is_seen_before_they_start():
+@pytest.fixture
+def child_link():
+    """A child's _ParentLink over real pipes: (link, the supervisor's read end of what the
+    child says, the supervisor's write end of what it tells the child)."""
     to_parent_r, to_parent_w = os.pipe()
     from_parent_r, from_parent_w = os.pipe()
-    try:
-        link = litequeue._ParentLink(to_parent_w, from_parent_r)
-        os.write(from_parent_w, handover(1) + b"\n")
-        job, _ = link.next_job(litequeue._ChildSignals())      # job 1 starts
-        assert job.id == 1
-        os.write(from_parent_w, handover(2) + b"\n" + handover(3) + b"\nX\n" + handover(4)
-                 + b"\n")
-        job, limit = link.next_job(litequeue._ChildSignals())
-        assert (job.id, limit) == (4, MiB)                     # 2 and 3 were dropped unstarted
-        assert os.read(to_parent_r, 100) == b"D [2, 3]\n"
-    finally:
-        for fd in (to_parent_r, to_parent_w, from_parent_r, from_parent_w):
-            os.close(fd)
+    yield litequeue._ParentLink(to_parent_w, from_parent_r), to_parent_r, from_parent_w
+    for fd in (to_parent_r, to_parent_w, from_parent_r, from_parent_w):
+        os.close(fd)
 
 
-def test_a_stop_asked_while_jobs_wait_ahead_starts_none_of_them():
-    to_parent_r, to_parent_w = os.pipe()
-    from_parent_r, from_parent_w = os.pipe()
-    try:
-        link = litequeue._ParentLink(to_parent_w, from_parent_r)
-        os.write(from_parent_w, handover(5) + b"\n")
-        signals = litequeue._ChildSignals()
-        signals.asked = True
-        with pytest.raises(litequeue.StopRequested):
-            link.next_job(signals)
-    finally:
-        for fd in (to_parent_r, to_parent_w, from_parent_r, from_parent_w):
-            os.close(fd)
+def test_a_drop_sent_after_jobs_handed_ahead_is_seen_before_they_start(child_link):
+    link, said, tell = child_link
+    os.write(tell, handover(1) + b"\n")
+    job, _ = link.next_job(litequeue._ChildSignals())      # job 1 starts
+    assert job.id == 1
+    os.write(tell, handover(2) + b"\n" + handover(3) + b"\nX\n" + handover(4) + b"\n")
+    job, limit = link.next_job(litequeue._ChildSignals())
+    assert (job.id, limit) == (4, MiB)                     # 2 and 3 were dropped unstarted
+    assert os.read(said, 100) == b"D [2, 3]\n"
+
+
+def test_a_stop_asked_while_jobs_wait_ahead_starts_none_of_them(child_link):
+    link, _, tell = child_link
+    os.write(tell, handover(5) + b"\n")
+    signals = litequeue._ChildSignals()
+    signals.asked = True
+    with pytest.raises(litequeue.StopRequested):
+        link.next_job(signals)
 
 
 def test_an_error_text_is_clipped_keeping_its_start_and_its_end():
