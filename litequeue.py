@@ -2728,12 +2728,38 @@ FAILED_ERROR, FAILED_PERMANENT = "error", "permanent"     # the KIND of an F lin
 class ChildSpec:
     """What every child of a supervisor needs, set before the first fork."""
 
-    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child", "output_dir")
+    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child", "output_dir", "oom_base")
 
     def __init__(self, parent_pid, prctl, tasks, jobs_per_child, output_dir=None):
         self.parent_pid, self.prctl = parent_pid, prctl
+        self.oom_base = _oom_score_adj()    # the supervisor's: every child's is above it
         self.tasks, self.jobs_per_child = tasks, jobs_per_child
         self.output_dir = output_dir    # None: output is discarded
+
+
+# How far above the supervisor's oom_score_adj a child's is raised, by its job's priority: if
+# the kernel must kill, it takes low-priority work first and never prefers the supervisor.
+OOM_SCORE_BY_PRIORITY = {CRITICAL: 100, HIGH: 200, NORMAL: 300, LOW: 400}
+
+
+def _oom_score_adj():
+    try:
+        with open("/proc/self/oom_score_adj") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _set_oom_score(spec, job):
+    """Raise this child's oom_score_adj for its job's priority. Raising needs no privilege;
+    a pooled child going on to a job of a higher priority may not lower it again without
+    CAP_SYS_RESOURCE, and keeps the higher (more killable) score then."""
+    score = min(1000, spec.oom_base + OOM_SCORE_BY_PRIORITY[job.priority_value])
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(score))
+    except OSError:
+        pass
 
 
 def _die_with_parent(spec):
@@ -3067,6 +3093,7 @@ def _run_job(job, spec, link, signals, memory_limit_bytes, streams):
     when it raised, after saying so."""
     import traceback
     output_problem = _redirect_output(spec.output_dir, job, streams)
+    _set_oom_score(spec, job)
     ctx = signals.ctx = Context(None, job, None, reporter=_PipeReporter(link))
     if signals.asked:
         ctx.ask_stop()
