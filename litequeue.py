@@ -115,7 +115,7 @@ EXIT_INTERRUPTED = 130           # Ctrl-C, as a shell reports a process SIGINT e
 # state (a failure is retried while attempts remain; a requeue may be charged an attempt).
 ENDING_FAILED, ENDING_REQUEUED = "failed", "requeued"
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x4C517565      # "LQue" in the SQLite header: marks the file as ours
 MIGRATIONS = {                   # {version: SQL taking a file from version to version + 1}
     1: "ALTER TABLE tasks ADD COLUMN breaker_failures INTEGER;"
@@ -131,6 +131,7 @@ MIGRATIONS = {                   # {version: SQL taking a file from version to v
        "CREATE INDEX pressure_samples_at ON pressure_samples (at);"
        "CREATE TABLE finished_counts (task TEXT NOT NULL, state TEXT NOT NULL,"
        " n INTEGER NOT NULL, PRIMARY KEY (task, state)) WITHOUT ROWID;",
+    4: "ALTER TABLE supervisors ADD COLUMN isolation TEXT;",
 }
 
 MiB = 1 << 20
@@ -1416,7 +1417,8 @@ class _Leases(_Store):
 
     # -- supervisors: registration, leases, recovery --------------------------------------
 
-    def register_supervisor(self, supervisor_id, host, task_names, task_defaults):
+    def register_supervisor(self, supervisor_id, host, task_names, task_defaults,
+                            isolation=None):
         """Store a supervisor's task declarations and its row (its lease on its jobs)."""
         self.store_catalogue(task_defaults)
         import psutil
@@ -1424,8 +1426,9 @@ class _Leases(_Store):
         with self._tx():
             self.conn.execute(
                 "INSERT OR REPLACE INTO supervisors (id, host, pid, started_at, heartbeat_at,"
-                " tasks) VALUES (?, ?, ?, ?, ?, ?)",
-                (supervisor_id, host, os.getpid(), started_at, now(), json.dumps(task_names)))
+                " tasks, isolation) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (supervisor_id, host, os.getpid(), started_at, now(), json.dumps(task_names),
+                 isolation))
 
     def unregister_supervisor(self, supervisor_id):
         with contextlib.suppress(Error):
@@ -1656,9 +1659,11 @@ class _Operator(_Leases):
                          for b in self._read("SELECT * FROM breakers ORDER BY task")},
             "heartbeat_age": (None if not heartbeat
                               else round(max(0.0, at - float(heartbeat[0]["value"])), 3)),
+            "isolation": _isolation_of(supervisors),
             "supervisors": [{"id": s["id"], "pid": s["pid"], "level": s["level"],
-                             "pressure": s["pressure"], "heartbeat_age":
-                             round(at - s["heartbeat_at"], 3)} for s in supervisors],
+                             "pressure": s["pressure"], "isolation": s["isolation"],
+                             "heartbeat_age": round(at - s["heartbeat_at"], 3)}
+                            for s in supervisors],
             "unserved": sorted(task for task in waiting if task not in served),
             "max_depth": self.max_depth,
         }
@@ -1720,6 +1725,13 @@ class _Operator(_Leases):
             memory["psi"] = psi
         return memory
 
+
+
+def _isolation_of(supervisors):
+    """How hard the live supervisors' job limits are: "cgroup" or "rlimit" where they agree,
+    "mixed" where they do not, None with no supervisor alive."""
+    kinds = {sup["isolation"] for sup in supervisors}
+    return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 def write_atomically(path, text, mode=0o644):
@@ -2683,6 +2695,348 @@ class MemoryProbe:
 
 
 # ======================================================================================
+# Memory isolation: a cgroup per job
+# ======================================================================================
+#
+# With --isolation cgroup (`auto` picks it where it works), each job's child runs in a
+# memory cgroup of its own below the supervisor's, with the job's limit as the group's hard
+# limit. The kernel then caps the job's whole tree (the programs it starts, MAP_SHARED
+# memory, page cache) the moment it gets there. The rlimit counts one process's private
+# memory only, and the RSS poll looks every --poll: measured here (cgroup v1), a task
+# mapping 600 MiB MAP_SHARED under a 200M limit took the supervisor's group to 472 MiB
+# before the poll killed it; in a group of its own the kernel killed it at 200 MiB, 0.18 s
+# after it started. The rlimit and the poll stay, as a second line.
+#
+#   v2   OWN/                          the supervisor's group (systemd: the unit's, Delegate=yes)
+#          litequeue-supervisor/       the supervisor itself: v2 lets only leaves hold processes
+#          litequeue-PID-START-R/      this supervisor's jobs, one group per child: job-ID/
+#   v1   OWN/litequeue-PID-START-R/job-ID/    (OWN: its group in the memory hierarchy)
+#
+# A group is removed once its child is reaped. What a supervisor killed with -9 left is
+# removed by the next one that starts below the same group, after killing what still runs
+# there (START, the process's start time, tells a dead supervisor from a reused pid).
+
+ISOLATION_MODES = ("auto", "cgroup", "rlimit")
+KERNEL_OOM = "memory limit exceeded (kernel)"
+CGROUP_PREFIX, SUPERVISOR_LEAF = "litequeue-", "litequeue-supervisor"
+CGROUP_FILES = {          # version: (hard limit, swap limit, usage)
+    1: ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.usage_in_bytes"),
+    2: ("memory.max", "memory.swap.max", "memory.current"),
+}
+
+
+class CgroupUnusable(Exception):
+    """Why job cgroups cannot be made here; its text is the reason, said once."""
+
+
+def choose_isolation(requested, problem):
+    """How hard jobs' limits are: ("cgroup" or "rlimit", why). Pure. requested: the
+    --isolation asked for; problem: why job cgroups cannot be made here, or None. BadInput
+    when cgroups were asked for and cannot be had."""
+    if requested == "rlimit":
+        return "rlimit", "as asked (--isolation rlimit)"
+    if problem is None:
+        return "cgroup", None
+    if requested == "cgroup":
+        raise BadInput(f"--isolation cgroup: {problem}")
+    return "rlimit", problem
+
+
+class Isolation:
+    """How hard a supervisor's job limits are: mode "cgroup" (with its JobCgroups) or
+    "rlimit", and why, for the log at start."""
+
+    __slots__ = ("mode", "why", "cgroups", "__weakref__")
+
+    def __init__(self, mode, why, cgroups=None):
+        self.mode, self.why, self.cgroups = mode, why, cgroups
+
+    @classmethod
+    def resolve(cls, requested):
+        """A cgroup per job where it works and was not refused; BadInput when --isolation
+        cgroup cannot be had. The groups go when the supervisor's run() ends, or when this
+        object is collected (a test that only steps a Supervisor)."""
+        cgroups = problem = None
+        if requested != "rlimit":
+            try:
+                cgroups = JobCgroups.detect()
+            except CgroupUnusable as exc:
+                problem = str(exc)
+        mode, why = choose_isolation(requested, problem)
+        if cgroups is None:
+            return cls(mode, why)
+        import weakref
+        isolation = cls(mode, repr(cgroups), cgroups)
+        weakref.finalize(isolation, cgroups.close)
+        return isolation
+
+
+def _write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _start_ticks(pid):
+    """When a process started (clock ticks since boot), or None if it is gone: with its pid,
+    it names one process for good, where a pid alone may be reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_cgroups(proc_cgroup, mountinfo):
+    """{1: dir, 2: dir}: this process's own group in the v1 memory hierarchy and in the v2
+    one, where each is mounted (read from mountinfo, so a non-standard mount point or a
+    container's bind mount is found too)."""
+    try:
+        with open(proc_cgroup) as f:
+            membership = [line.split(":", 2) for line in f.read().splitlines()]
+        with open(mountinfo) as f:
+            mounts = [line.split() for line in f.read().splitlines()]
+    except OSError:
+        return {}
+    found = {}
+    for fields in mounts:
+        dash = fields.index("-")
+        fstype, options = fields[dash + 1], fields[dash + 3].split(",")
+        version = 2 if fstype == "cgroup2" else 1 if (
+            fstype == "cgroup" and "memory" in options) else None
+        if version is None:
+            continue
+        mount_root, mount_point = fields[3], fields[4]
+        for _, controllers, path in membership:
+            if (version == 2 and controllers == "") or (
+                    version == 1 and "memory" in controllers.split(",")):
+                relative = os.path.relpath(path, mount_root) if path.startswith(mount_root) \
+                    else "."
+                found[version] = os.path.normpath(os.path.join(mount_point, relative))
+    return found
+
+
+def set_group_limit(version, path, limit_bytes):
+    """Make limit_bytes a group's hard limit, swap included (a job's limit is not a licence to
+    swap). v1's memory+swap limit may never be below its memory limit, so the order of the
+    two writes depends on whether the limit goes up or down."""
+    limit_file, swap_file, _ = CGROUP_FILES[version]
+    limit_path, swap_path = os.path.join(path, limit_file), os.path.join(path, swap_file)
+    if version == 2:
+        _write_file(limit_path, str(limit_bytes))
+        with contextlib.suppress(FileNotFoundError):       # no swap controller: no swap
+            _write_file(swap_path, "0")
+        return
+    writes = [(limit_path, limit_bytes)]
+    if os.path.exists(swap_path):                           # only with swap accounting on
+        writes.append((swap_path, limit_bytes))
+    try:
+        for target, value in writes:
+            _write_file(target, str(value))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        for target, value in reversed(writes):              # raising it: memsw goes first
+            _write_file(target, str(value))
+
+
+def group_usage_bytes(version, path):
+    try:
+        return _read_int(os.path.join(path, CGROUP_FILES[version][2])) or 0
+    except (OSError, ValueError):
+        return 0
+
+
+def join_group(path):
+    """Move the calling process into a group (what it starts from then on is born there)."""
+    _write_file(os.path.join(path, "cgroup.procs"), str(os.getpid()))
+
+
+class JobCgroups:
+    """The mechanism of a cgroup per job: prepare this supervisor's directory of groups
+    below its own group (removing what dead supervisors left there), make a group with a
+    job's limit for each child, read the kernel's OOM kills in it, kill what is left in it,
+    and remove it. It decides nothing."""
+
+    def __init__(self, version, own_dir, pid=None):
+        self.version = version              # 1 or 2
+        self.own_dir = own_dir              # the supervisor's own memory group
+        pid = os.getpid() if pid is None else pid
+        # Unique to this object: a process may run several supervisors in turn (tests do).
+        self.root = os.path.join(own_dir, f"{CGROUP_PREFIX}{pid}-{_start_ticks(pid)}-"
+                                          f"{random.randrange(1 << 32):08x}")
+        self.leftover = []                  # groups whose processes were still exiting
+
+    def __repr__(self):
+        return f"cgroup v{self.version}, a group per job below {self.root}"
+
+    @classmethod
+    def detect(cls, proc_cgroup="/proc/self/cgroup", mountinfo="/proc/self/mountinfo"):
+        """This process's job groups, prepared and tried (a group with a limit made and
+        removed). CgroupUnusable says why not. What dead supervisors left is not touched
+        here, but by remove_stale() once the supervisor serves."""
+        own = _own_cgroups(proc_cgroup, mountinfo)
+        v2 = own.get(2)
+        if v2 is not None and "memory" in _read_words(os.path.join(v2, "cgroup.controllers")):
+            groups = cls(2, v2)
+        elif own.get(1) is not None:
+            groups = cls(1, own[1])
+        elif v2 is not None:
+            raise CgroupUnusable(f"the memory controller is not delegated to the supervisor's "
+                                 f"cgroup {v2} (under systemd: Delegate=yes)")
+        else:
+            raise CgroupUnusable("no cgroup memory controller is mounted here")
+        groups.prepare()
+        return groups
+
+    def prepare(self):
+        try:
+            if self.version == 2:
+                self._delegate_below(self.own_dir, move_self=True)
+            os.mkdir(self.root, 0o755)
+            if self.version == 2:
+                self._delegate_below(self.root)
+            self.remove(self.create("probe", 64 * MiB))
+        except OSError as exc:
+            self.close()
+            raise CgroupUnusable(self._explain(exc)) from None
+
+    def _explain(self, exc):
+        where = exc.filename or self.own_dir
+        if exc.errno == errno.EBUSY and self.version == 2:
+            return (f"the supervisor's cgroup {self.own_dir} holds other processes: give it a "
+                    f"cgroup of its own (under systemd: Delegate=yes)")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return (f"cannot make cgroups below {self.own_dir}: {exc.strerror} on {where} "
+                    f"(under systemd: Delegate=yes, and ProtectControlGroups off)")
+        return f"cannot make cgroups below {self.own_dir}: {exc.strerror} on {where}"
+
+    @staticmethod
+    def _delegate_below(directory, move_self=False):
+        """v2: turn the memory controller on for directory's children. v2 lets a group with
+        controllers on for its children hold no processes itself, so (move_self) the
+        supervisor first moves into a leaf of its own; EBUSY if other processes remain."""
+        if "memory" in _read_words(os.path.join(directory, "cgroup.subtree_control")):
+            return
+        if move_self:
+            leaf = os.path.join(directory, SUPERVISOR_LEAF)
+            os.makedirs(leaf, 0o755, exist_ok=True)
+            join_group(leaf)
+        _write_file(os.path.join(directory, "cgroup.subtree_control"), "+memory")
+
+    def create(self, name, limit_bytes):
+        """A new group for a child, with its first job's limit as the hard limit."""
+        path = os.path.join(self.root, name)
+        os.mkdir(path, 0o755)
+        try:
+            if self.version == 2:
+                # The kernel kills the whole job at the limit, not one process of it: a job
+                # left half-killed would only fail later and less clearly.
+                _write_file(os.path.join(path, "memory.oom.group"), "1")
+            set_group_limit(self.version, path, limit_bytes)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+            raise
+        return path
+
+    def oom_kills(self, path):
+        """How many processes the kernel killed in the group for its limit."""
+        events = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            return _stat_value(os.path.join(path, events), "oom_kill")
+        except (OSError, ValueError):
+            return 0
+
+    def kill_all(self, path):
+        """SIGKILL everything in the group, programs that left the job's process group
+        (a daemon's setsid) included."""
+        if self.version == 2 and os.path.exists(os.path.join(path, "cgroup.kill")):
+            with contextlib.suppress(OSError):
+                _write_file(os.path.join(path, "cgroup.kill"), "1")
+                return
+        for pid in _read_words(os.path.join(path, "cgroup.procs")):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+
+    def remove(self, path):
+        """Remove a group whose child was reaped. A process of it still exiting keeps it
+        busy: killed, and the group is tried again later (retry_leftover)."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            self.kill_all(path)
+            if path not in self.leftover:
+                self.leftover.append(path)
+
+    def retry_leftover(self):
+        for path in list(self.leftover):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.kill_all(path)
+                continue
+            self.leftover.remove(path)
+
+    def close(self, wait_s=1.0):
+        """Remove every group left and our directory (the supervisor is leaving)."""
+        self._remove_tree(self.root, wait_s)
+
+    def remove_stale(self):
+        """Remove the directories of supervisors that are gone (killed with -9, or the
+        power lost), after killing what still runs in their groups."""
+        try:
+            names = os.listdir(self.own_dir)
+        except OSError:
+            return
+        for name in names:
+            pid, _, started = name[len(CGROUP_PREFIX):].partition("-")
+            started = started.partition("-")[0]
+            if not (name.startswith(CGROUP_PREFIX) and pid.isdigit() and started.isdigit()):
+                continue                   # the supervisors' leaf, or not ours
+            if _start_ticks(int(pid)) == int(started):
+                continue                   # its supervisor is alive
+            path = os.path.join(self.own_dir, name)
+            if self._remove_tree(path, 1.0):
+                log.info("removed the job cgroups left by supervisor pid %s at %s", pid, path)
+
+    def _remove_tree(self, path, wait_s):
+        """Remove a directory of job groups, killing what is in them; True if it is gone."""
+        give_up_tick = time.monotonic() + wait_s
+        while True:
+            try:
+                groups = [entry.path for entry in os.scandir(path) if entry.is_dir()]
+            except FileNotFoundError:
+                return True
+            except OSError:
+                return False
+            for group in groups:
+                self.kill_all(group)
+                with contextlib.suppress(OSError):
+                    os.rmdir(group)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+                self.leftover = [p for p in self.leftover if not p.startswith(path + "/")]
+                return True
+            if time.monotonic() > give_up_tick:
+                log.warning("cgroup %s could not be removed yet: processes in it are still "
+                            "exiting; the next supervisor removes it", path)
+                return False
+            time.sleep(0.01)               # SIGKILLed processes exit within milliseconds
+
+
+def _read_words(path):
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+# ======================================================================================
 # The child: a fresh process per job, or a pooled one for a few jobs in turn
 # ======================================================================================
 #
@@ -2694,7 +3048,8 @@ class MemoryProbe:
 #   supervisor -> child   J {job}       run this job next (pooled: handed over, maybe ahead)
 #                         A JOB         your last checkpoint of JOB is committed
 #                         X             drop every job handed over that you have not started
-#   child -> supervisor   S JOB TICK RSS  JOB's task starts (monotonic tick, RSS at start)
+#   child -> supervisor   S JOB TICK RSS CHARGED  JOB's task starts (monotonic tick, RSS and
+#                                        what its cgroup holds at start; 0: no cgroup)
 #                         P JOB [done, total]   progress (the newest per commit is kept)
 #                         C JOB {state}        a checkpoint: the child waits for A JOB
 #                         R JOB NEXT RUN_S {result}  JOB returned after RUN_S seconds;
@@ -2728,13 +3083,16 @@ FAILED_ERROR, FAILED_PERMANENT = "error", "permanent"     # the KIND of an F lin
 class ChildSpec:
     """What every child of a supervisor needs, set before the first fork."""
 
-    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child", "output_dir", "oom_base")
+    __slots__ = ("parent_pid", "prctl", "tasks", "jobs_per_child", "output_dir", "oom_base",
+                 "cgroup_version")
 
-    def __init__(self, parent_pid, prctl, tasks, jobs_per_child, output_dir=None):
+    def __init__(self, parent_pid, prctl, tasks, jobs_per_child, output_dir=None,
+                 cgroup_version=None):
         self.parent_pid, self.prctl = parent_pid, prctl
         self.oom_base = _oom_score_adj()    # the supervisor's: every child's is above it
         self.tasks, self.jobs_per_child = tasks, jobs_per_child
         self.output_dir = output_dir    # None: output is discarded
+        self.cgroup_version = cgroup_version    # None: no cgroup per job (rlimit only)
 
 
 # How far above the supervisor's oom_score_adj a child's is raised, by its job's priority: if
@@ -2782,16 +3140,21 @@ def _data_bytes():
     return 0
 
 
-def _limit_memory(limit_bytes, *, hard):
+def _limit_memory(limit_bytes, *, hard, spec=None, group=None):
     """Let the next job add at most limit_bytes of private memory to what this process holds
     now. A fresh child sets a hard limit. A reused child must be able to set the limit again
     for its next job, so it sets only the soft limit: a task could raise it again itself, and
-    the supervisor's RSS polling still enforces the limit then."""
+    the supervisor's RSS polling still enforces the limit then. In a cgroup of its own, the
+    group's hard limit becomes what the group holds now plus limit_bytes, likewise."""
     import resource
     which = getattr(resource, MEMORY_RLIMIT)
     ceiling = _data_bytes() + limit_bytes
     resource.setrlimit(which, (ceiling, ceiling if hard else resource.getrlimit(which)[1]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))       # no core dumps on an SD card
+    if group is not None:
+        version = spec.cgroup_version
+        with contextlib.suppress(OSError):     # else the limit it was made with holds
+            set_group_limit(version, group, group_usage_bytes(version, group) + limit_bytes)
 
 
 def _redirect_output(output_dir, job, streams):
@@ -3053,25 +3416,40 @@ class _PipeReporter:
         self.link.say(SAY_PROGRESS, job.id, json.dumps([done, total]).encode())
 
 
-def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent):
-    """Entry point of a child: run `job`, then (pooled) the jobs handed over after it, up to
-    spec.jobs_per_child, reporting each on to_parent. Any end of a job other than a clean
-    return ends the child, which the supervisor then replaces."""
+def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent, group=None):
+    """Entry point of a child: run `job` (None: a spare, forked ahead: the first job handed
+    over), then (pooled) the jobs handed over after it, up to spec.jobs_per_child, reporting
+    each on to_parent. Any end of a job other than a clean return ends the child, which the
+    supervisor then replaces. group: its memory cgroup, joined before any job's code runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the supervisor's to handle
     signals = _ChildSignals()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, signals.handle)
     _die_with_parent(spec)
     os.setpgid(0, 0)          # its own process group: a kill takes the programs it started too
-    pooled = spec.jobs_per_child > 1
-    _limit_memory(memory_limit_bytes, hard=not pooled)
     link = _ParentLink(to_parent, from_parent)
+    unjoined = None
+    if group is not None:
+        try:
+            join_group(group)
+        except OSError as exc:             # the job it gets fails saying so: never unbounded
+            unjoined = f"could not join its memory cgroup {group}: {exc}"
+    pooled = spec.jobs_per_child > 1
     forked_bytes = process_rss_bytes(os.getpid()) or 0
     streams = _JobStreams()
     try:
+        if job is None:
+            job, memory_limit_bytes = link.next_job(signals)
+            if job is None:
+                return
+        if unjoined is not None:
+            link.say(SAY_FAILED, job.id, FAILED_ERROR, json.dumps(unjoined).encode())
+            return
+        _limit_memory(memory_limit_bytes, hard=not pooled, spec=spec, group=group)
         for number in range(1, spec.jobs_per_child + 1):
             started_tick = time.monotonic()
-            returned, text = _run_job(job, spec, link, signals, memory_limit_bytes, streams)
+            returned, text = _run_job(job, spec, link, signals, memory_limit_bytes, streams,
+                                      group)
             if not returned:
                 return
             run_s = time.monotonic() - started_tick
@@ -3083,12 +3461,12 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent):
             job, memory_limit_bytes = link.next_job(signals)
             if job is None:
                 return
-            _limit_memory(memory_limit_bytes, hard=False)
+            _limit_memory(memory_limit_bytes, hard=False, spec=spec, group=group)
     except StopRequested:
         sys.exit(EXIT_CHILD_STOPPED)
 
 
-def _run_job(job, spec, link, signals, memory_limit_bytes, streams):
+def _run_job(job, spec, link, signals, memory_limit_bytes, streams, group=None):
     """Run one job's task. Returns (True, result as JSON) when it returned; (False, None)
     when it raised, after saying so."""
     import traceback
@@ -3097,7 +3475,9 @@ def _run_job(job, spec, link, signals, memory_limit_bytes, streams):
     ctx = signals.ctx = Context(None, job, None, reporter=_PipeReporter(link))
     if signals.asked:
         ctx.ask_stop()
-    link.say(SAY_STARTED, job.id, repr(time.monotonic()), process_rss_bytes(os.getpid()) or 0)
+    charged = 0 if group is None else group_usage_bytes(spec.cgroup_version, group)
+    link.say(SAY_STARTED, job.id, repr(time.monotonic()), process_rss_bytes(os.getpid()) or 0,
+             charged)
     kind = FAILED_ERROR
     try:
         result = _call_task(spec.tasks[job.task].fn, ctx, job.payload)
@@ -3245,12 +3625,12 @@ class SupervisorOptions:
 
     __slots__ = ("slots", "jobs_per_child", "memory_limit_bytes", "memory_budget_bytes",
                  "poll_s", "thresholds", "margin", "hold_s", "grace_s", "keep_s", "burst",
-                 "notice_s", "start_deadline_s", "output_limit_bytes")
+                 "notice_s", "start_deadline_s", "output_limit_bytes", "isolation")
 
     def __init__(self, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
                  jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S,
-                 output_limit=DEFAULT_OUTPUT_LIMIT):
+                 output_limit=DEFAULT_OUTPUT_LIMIT, isolation="auto"):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
         self.memory_limit_bytes = parse_memory_size(memory_limit, "--memory-limit")
@@ -3265,6 +3645,10 @@ class SupervisorOptions:
         self.notice_s = parse_duration(notice, "notice", allow_zero=False)
         self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
         self.output_limit_bytes = parse_size(output_limit, "--output-limit")
+        if isolation not in ISOLATION_MODES:
+            raise BadInput(f"--isolation must be one of {', '.join(ISOLATION_MODES)}, "
+                           f"not {isolation!r}")
+        self.isolation = isolation
 
     def level_tracker(self):
         return LevelTracker(self.thresholds, self.margin, self.hold_s)
@@ -3431,7 +3815,8 @@ class _Run:
     __slots__ = ("job", "child", "memory_limit_bytes", "handed_tick", "started_tick",
                  "baseline_bytes", "stop_reason", "detail", "kill_at_tick", "killed",
                  "rss_bytes", "saved", "checkpoint", "ack_owed", "progress", "reported",
-                 "ending", "lease_lost", "forked", "cancel_asked", "output_bytes")
+                 "ending", "lease_lost", "forked", "cancel_asked", "output_bytes",
+                 "charged_bytes", "charged_baseline_bytes")
 
     def __init__(self, job, child, memory_limit_bytes, handed_tick, baseline_bytes=0):
         self.job, self.child, self.memory_limit_bytes = job, child, memory_limit_bytes
@@ -3455,10 +3840,16 @@ class _Run:
         self.forked = False         # its child was forked for it (not handed it later)
         self.cancel_asked = False   # someone asked to cancel it: stopped once it is current
         self.output_bytes = 0       # its size at the last memory poll
+        # In a cgroup of its own, the job's memory is what the kernel charges its group
+        # (exact: shared pages once), measured like RSS from what it held at start.
+        self.charged_bytes = None   # the group's usage at the last poll; None: no group
+        self.charged_baseline_bytes = 0
 
     def facts(self, tick, output_limit_bytes=None):
         started_tick = self.started_tick if self.started_tick is not None else self.handed_tick
-        return RunFacts(self.rss_bytes - self.baseline_bytes, self.memory_limit_bytes,
+        own_bytes = (self.rss_bytes - self.baseline_bytes if self.charged_bytes is None
+                     else self.charged_bytes - self.charged_baseline_bytes)
+        return RunFacts(own_bytes, self.memory_limit_bytes,
                         self.started_tick is not None, tick - started_tick, self.job.timeout_s,
                         self.stop_reason, self.detail, self.kill_at_tick, self.killed,
                         self.output_bytes, output_limit_bytes)
@@ -3474,10 +3865,12 @@ class _Child:
 
     __slots__ = ("process", "from_child", "to_child", "runs", "partial", "outbox", "eof",
                  "reaped", "idle_since_tick", "handed", "last_run_s", "dropping", "done",
-                 "retired", "retired_tick")
+                 "retired", "retired_tick", "group", "kernel_oom")
 
-    def __init__(self, process, from_child, to_child):
+    def __init__(self, process, from_child, to_child, group=None):
         self.process = process
+        self.group = group              # its memory cgroup (None: rlimit only)
+        self.kernel_oom = False         # the kernel killed a process of its group at the limit
         self.from_child = from_child    # read end of what it says, a line each
         self.to_child = to_child        # write end of what we tell it
         self.runs = []                  # handed over, not finished; runs[0] is its job now
@@ -3518,23 +3911,44 @@ class ChildPool:
     """The mechanism: fork children, hand them jobs, read what they say, acknowledge, reap,
     retire and kill. It decides nothing: the Supervisor tells it what to do."""
 
-    def __init__(self, spec, mp):
+    def __init__(self, spec, mp, cgroups=None):
         self.spec, self.mp = spec, mp
+        self.cgroups = cgroups          # JobCgroups: a group per child; None: rlimit only
         self.children = []              # not yet reaped
         self.read_tick = 0.0            # when a child last said something
+        self.forked = 0                 # children forked in all (names their groups)
 
     def fork(self, run, tick):
-        """A new child for run's job."""
+        """A new child for run's job (in a new cgroup with the job's limit, where used)."""
+        child = self._start(run.job, run.memory_limit_bytes, f"litequeue-job-{run.job.id}")
+        child.handed, child.runs, run.child, run.forked = 1, [run], child, True
+        run.handed_tick = time.monotonic()
+        return child
+
+    def fork_spare(self, limit_bytes):
+        """A child forked ahead of its job, already in its cgroup, waiting to be handed one:
+        moving a process into a v1 cgroup waits for an RCU grace period (8.5 ms measured
+        here), which a spare has paid before its job comes."""
+        child = self._start(None, limit_bytes, "litequeue-spare")
+        child.idle_since_tick = time.monotonic()
+        return child
+
+    def _start(self, job, limit_bytes, name):
+        group = None
+        if self.cgroups is not None:
+            group = self.cgroups.create(f"child-{self.forked + 1}", limit_bytes)
         from_child, to_parent = os.pipe()
         from_parent, to_child = os.pipe()
-        process = self.mp.Process(target=_child_main, name=f"litequeue-job-{run.job.id}",
-                                  args=(self.spec, run.job, run.memory_limit_bytes,
-                                        to_parent, from_parent))
+        process = self.mp.Process(target=_child_main, name=name,
+                                  args=(self.spec, job, limit_bytes, to_parent, from_parent,
+                                        group))
         try:
             process.start()
         except BaseException:
             os.close(from_child)
             os.close(to_child)
+            if group is not None:
+                self.cgroups.remove(group)
             raise
         finally:
             os.close(to_parent)
@@ -3543,9 +3957,8 @@ class ChildPool:
         os.set_blocking(to_child, False)
         with contextlib.suppress(OSError):        # also set in the child: whichever runs first
             os.setpgid(process.pid, process.pid)
-        child = _Child(process, from_child, to_child)
-        child.handed, child.runs, run.child, run.forked = 1, [run], child, True
-        run.handed_tick = time.monotonic()
+        self.forked += 1
+        child = _Child(process, from_child, to_child, group)
         self.children.append(child)
         return child
 
@@ -3630,8 +4043,9 @@ class ChildPool:
         if run is None:
             return []
         if tag == SAY_STARTED:
-            started_tick, rss_bytes = rest.split()
+            started_tick, rss_bytes, charged_bytes = rest.split()
             run.started_tick, run.baseline_bytes = float(started_tick), int(rss_bytes)
+            run.charged_baseline_bytes = int(charged_bytes)
         elif tag == SAY_PROGRESS:
             run.progress = json.loads(rest)
         elif tag == SAY_CHECKPOINT:
@@ -3683,6 +4097,8 @@ class ChildPool:
         if not child.reaped:
             with contextlib.suppress(OSError):
                 os.killpg(child.pid, signal.SIGKILL)
+            if child.group is not None:
+                self.cgroups.kill_all(child.group)   # what left its process group, too
             child.process.join()
             child.reaped = True
         self.children.remove(child)
@@ -3690,7 +4106,16 @@ class ChildPool:
         child.process.close()
         for fd in (child.from_child, child.to_child):
             os.close(fd)
+        if child.group is not None:
+            self.see_kernel_oom(child)               # the group says so until it is gone
+            self.cgroups.remove(child.group)
         return code
+
+    def see_kernel_oom(self, child):
+        """Did the kernel kill a process in child's group at its limit? Remembered."""
+        if child.group is not None and not child.kernel_oom:
+            child.kernel_oom = self.cgroups.oom_kills(child.group) > 0
+        return child.kernel_oom
 
     def busy(self):
         """How many children have a job (a slot each)."""
@@ -3706,23 +4131,25 @@ class ChildPool:
         self.signal(child, signal.SIGTERM)
 
     def retire_idle(self, idle_s, linger_s):
-        """Let go of children idle for idle_s; SIGKILL retired ones lingering past linger_s."""
+        """Let go of children idle for idle_s (a spare waits for as long as it takes);
+        SIGKILL retired ones lingering past linger_s."""
         tick = time.monotonic()
         for child in self.idle():
-            if tick - child.idle_since_tick > idle_s:
+            if child.handed and tick - child.idle_since_tick > idle_s:
                 self.retire(child)
         for child in self.children:
             if child.retired and not child.runs and tick - child.retired_tick > linger_s:
                 self.signal(child, signal.SIGKILL)
 
-    @staticmethod
-    def signal(child, signum):
+    def signal(self, child, signum):
         if child.reaped:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if signum == signal.SIGKILL:
                 os.killpg(child.pid, signum)           # the job and what it started
             os.kill(child.pid, signum)
+        if signum == signal.SIGKILL and child.group is not None:
+            self.cgroups.kill_all(child.group)         # and what left its process group
 
     def waitables(self, with_pipes):
         """What to wait on: every child's exit, and (with_pipes) what they say."""
@@ -3743,6 +4170,7 @@ class _Dispatch:
         self.held = []                   # runs claimed, waiting here for a free child
         self.run_s_by_task = {}          # how long each task's last job ran here
         self.no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
+        self.no_spare_until_tick = 0.0   # after a spare that failed: not again before then
 
     def wanted(self, tick, stopping):
         """How many jobs to claim: one for each free slot (an idle child or a new one) not
@@ -3777,10 +4205,16 @@ class _Dispatch:
         runs = self.held + [self.track(job, tick) for job in claimed]
         self.held = []
         idle = self.pool.idle()
-        while runs and (idle or self.pool.busy() < self.options.slots):
+        # (a spare is a child beyond the slots: an idle one is used only for a free slot)
+        while runs and self.pool.busy() < self.options.slots:
             run = runs.pop(0)
             if idle:
-                self.pool.hand(idle.pop(0), run)
+                child = idle.pop(0)
+                spare = not child.handed
+                self.pool.hand(child, run)
+                if spare:                 # a fresh child as a fork would be: say so alike
+                    log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id,
+                             run.job.task, run.job.attempts, run.job.max_attempts, child.pid)
                 continue
             try:
                 self.pool.fork(run, tick)
@@ -3799,6 +4233,26 @@ class _Dispatch:
                 self.pool.hand(child, runs.pop(0))
                 want -= 1
         self.held = runs
+
+    def keep_spare(self, tick, wanted):
+        """Where each job's fresh child goes into a cgroup of its own, keep one forked ahead,
+        so the next job starts without waiting for the move (see ChildPool.fork_spare).
+        Pooled children pay the move once each and keep their group: no spare. wanted: the
+        supervisor may start jobs now (serving, at memory level normal). A spare that ends
+        before it is handed a job is not replaced before the next poll."""
+        if (self.pool.cgroups is None or self.options.jobs_per_child > 1 or not wanted
+                or tick < self.no_spare_until_tick or self.pool.idle()):
+            return
+        try:
+            self.pool.fork_spare(self.options.memory_limit_bytes)
+        except OSError as exc:            # fork or group refused: jobs fork as they come
+            log.warning("cannot fork a spare child: %s", exc)
+            self.no_spare_until_tick = tick + self.options.poll_s
+
+    def spare_lost(self, tick):
+        """A spare ended before it was handed a job (killed, or it failed at start): the
+        next one waits for the next poll, so a spare that cannot live is not a fork loop."""
+        self.no_spare_until_tick = tick + self.options.poll_s
 
     def give_back_held(self, allowed=()):
         """Held jobs whose priority may not start now go back to the queue, uncharged."""
@@ -3821,7 +4275,7 @@ class Supervisor:
     run() loops it until SIGTERM/SIGINT (or, with burst=True, until nothing runs or is due)."""
 
     def __init__(self, queue, options=None, *, tasks=None, probe=None, notifier=None,
-                 **option_values):
+                 isolation=None, **option_values):
         if options is not None and option_values:
             raise BadInput("give a Supervisor its options or option values, not both")
         self.queue = queue
@@ -3835,10 +4289,13 @@ class Supervisor:
         self.pressure = None
         self.output_dir = output_dir_of(queue.path)
         self._output_problem = None      # why job output cannot be kept now (said once)
+        # (kept here: its groups are removed when it is collected)
+        self.isolation = isolation or Isolation.resolve(self.options.isolation)
+        cgroups = self.isolation.cgroups
         import multiprocessing
         self.pool = ChildPool(ChildSpec(os.getpid(), None, self.tasks, self.options.jobs_per_child,
-                                        self.output_dir),
-                              multiprocessing.get_context("fork"))
+                                        self.output_dir, cgroups and cgroups.version),
+                              multiprocessing.get_context("fork"), cgroups)
         self._runs = {}                 # job id -> _Run, from its claim to its ending committed
         self._events = []               # decisions to record with the next commit
         self._samples = []              # memory samples to record with the next commit
@@ -3862,7 +4319,8 @@ class Supervisor:
     def register(self):
         """Store our task declarations and our row: our lease on the jobs we claim."""
         self.queue.register_supervisor(self.id, self.host, sorted(self.tasks),
-                                       [task.defaults for task in self.tasks.values()])
+                                       [task.defaults for task in self.tasks.values()],
+                                       self.isolation.mode)
 
     def run(self):
         """Serve until stopped; returns 0. Children are forked: about ten times faster to
@@ -3879,6 +4337,7 @@ class Supervisor:
         log.info("supervisor %s serving %s on %s (slots %d, memory limit %s)", self.id,
                  ", ".join(sorted(self.tasks)), self.queue.path, self.slots,
                  format_bytes(self.options.memory_limit_bytes))
+        log.info("memory isolation: %s (%s)", self.isolation.mode, self.isolation.why)
         sleeper = _Sleeper(self.queue.path, libc, self.options.notice_s)
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)     # give back the heap left over from compiling this module
@@ -3902,6 +4361,8 @@ class Supervisor:
             self.notifier.stopping()    # if a burst end or an error got here first
             sleeper.close()
             self.abandon_children()
+            if self.pool.cgroups is not None:
+                self.pool.cgroups.close()
             self.queue.unregister_supervisor(self.id)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -3978,6 +4439,7 @@ class Supervisor:
         if claimed:
             self._prepare_output()
         self.dispatch.hand_out(claimed, tick)
+        self.dispatch.keep_spare(tick, not self._stopping and self.tracker.level == "normal")
         self.pool.flush_all()                   # what a full pipe held back before
         self._finish_if_done(at)
         if self.options.keep_s is not None and tick >= self._next_purge_tick:
@@ -3997,14 +4459,29 @@ class Supervisor:
             for run, current in self.pool.read():   # last words, if they came after the read
                 self._end(run, current=current, exit_code=None)
             code = self.pool.reap(child)
+            if not child.handed and not child.retired:
+                self.dispatch.spare_lost(time.monotonic())
             for index, run in enumerate(child.runs):
                 # Its job then, if it had started it (or was forked for it): a job handed
                 # over and never started costs nothing, whatever became of the child.
                 current = index == 0 and (run.started_tick is not None or run.forked)
+                if current and child.kernel_oom:
+                    self._blame_kernel_oom(run)
                 self._end(run, current=current, exit_code=code)
             freed += bool(child.runs)
             child.runs = []
         return freed
+
+    def _blame_kernel_oom(self, run):
+        """The kernel killed a process of run's cgroup at the job's limit: the job failed for
+        its memory (unless it was being cancelled), however its child ended."""
+        if run.stop_reason == STOP_CANCEL or (run.reported and run.reported[0] == DONE):
+            return
+        detail = (f"{KERNEL_OOM}: its cgroup reached the "
+                  f"{format_bytes(run.memory_limit_bytes)} limit")
+        if run.reported is not None:               # it reported the loss itself: say why
+            run.reported = (*run.reported[:2], f"{detail}\n{run.reported[2]}")
+        run.stop_reason, run.detail = STOP_MEMORY, detail
 
     def _end(self, run, *, current, exit_code):
         if run.reported is not None and run.child is not None:
@@ -4057,9 +4534,18 @@ class Supervisor:
                 (at, reading.pressure, level, reading.tree_bytes)]
             self._next_sample_tick = tick + PRESSURE_SAMPLE_S
         for child in self.pool.children:
-            if child.current is not None:
-                child.current.rss_bytes = job_rss_bytes(child.pid) or child.current.rss_bytes
-                child.current.output_bytes = self._output_bytes(child.current)
+            run = child.current
+            if run is not None:
+                run.rss_bytes = job_rss_bytes(child.pid) or run.rss_bytes
+                run.output_bytes = self._output_bytes(run)
+                if child.group is not None:
+                    run.charged_bytes = group_usage_bytes(self.pool.cgroups.version,
+                                                          child.group)
+                if self.pool.see_kernel_oom(child) and not run.killed:
+                    # v1 kills one process of the group, not all (v2's memory.oom.group):
+                    # the rest of the job goes too, as one failure.
+                    self._blame_kernel_oom(run)
+                    self._kill(run, run.stop_reason, run.detail, at)
         self._apply_memory_plan(level, reading.pressure, at, tick)
 
     def _housekeeping(self, at, tick):
@@ -4084,6 +4570,9 @@ class Supervisor:
             self.id, lambda sup, at_: supervisor_alive(sup, self.host, at_), at)
         self.queue.expire(at=at)
         self.pool.retire_idle(CHILD_IDLE_S, self.grace_s)
+        if self.pool.cgroups is not None:
+            self.pool.cgroups.retry_leftover()
+            self.pool.cgroups.remove_stale()       # a supervisor beside us died (kill -9)
         self._next_heartbeat_tick = tick + SUPERVISOR_HEARTBEAT_S
 
     def _another_wrote(self):
@@ -4754,8 +5243,8 @@ def format_status(status, path):
     lines.append(f"heartbeat   {_format_age(status['heartbeat_age'])}"
                  + (" ago" if status["heartbeat_age"] is not None else ""))
     sups = status["supervisors"]
-    lines.append("supervisors " + ("  ".join(f"{s['id']} ({s['level']})" for s in sups)
-                                   if sups else "none running"))
+    lines.append("supervisors " + ("  ".join(f"{s['id']} ({s['level']}, {s['isolation']})"
+                                             for s in sups) if sups else "none running"))
     if status["unserved"]:
         lines.append("unserved    " + ", ".join(status["unserved"])
                      + "  (queued, but no live supervisor serves these tasks)")
@@ -4882,7 +5371,13 @@ def _build_cli():
     @click.option("--keep", help="purge final jobs older than this (e.g. 7d)")
     @click.option("--jobs-per-child", type=int, default=1, show_default=True,
                   help="jobs one child may run before it is replaced; above 1, a child is "
-                       "reused after a clean finish and each job's memory limit is a soft rlimit")
+                       "reused after a clean finish and each job's memory limit is a soft rlimit "
+                       "(and, with cgroups, its group's limit, set again for each job)")
+    @click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="auto",
+                  show_default=True,
+                  help="how hard a job's memory limit is: cgroup (a memory cgroup per job: the "
+                       "kernel caps its whole process tree), rlimit (a per-process rlimit and "
+                       "the RSS poll), auto (cgroup where the supervisor may make groups)")
     @click.option("--burst", is_flag=True, help="exit 0 once nothing runs and nothing is due")
     @click.option("--output-limit", default=DEFAULT_OUTPUT_LIMIT, show_default=True,
                   help="one job's output (400M, 1G, 512MiB or bytes); a job writing past "
@@ -4900,7 +5395,7 @@ def _build_cli():
                   type=click.Choice(["debug", "info", "warning", "error"]))
     def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
               grace, keep, jobs_per_child, burst, output_limit, durability, breaker_failures,
-              breaker_window, breaker_cooldown, log_level):
+              breaker_window, breaker_cooldown, log_level, isolation):
         """Run the supervisor: the tasks of --app, else the built-in heartbeat and demo
         tasks (echo, sleep, hog, chunked, fail)."""
         try:
@@ -4915,7 +5410,7 @@ def _build_cli():
                                     memory_budget=memory_budget, poll=poll, thresholds=levels,
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst,
-                                    output_limit=output_limit)
+                                    output_limit=output_limit, isolation=isolation)
         tasks, app_files = load_app_with_files(app) if app is not None else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:
@@ -4926,6 +5421,7 @@ def _build_cli():
                        f"thread(s) at import; a child forked while one of them holds a lock "
                        f"can hang (it is then killed after {CHILD_START_DEADLINE_S:g}s). Start "
                        f"threads inside tasks instead.", err=True)
+        resolved = Isolation.resolve(options.isolation)    # --isolation cgroup: exit 2 here
         queue = Queue(db, durable=durability == "full", breaker=policy)
         try:            # an unsafe directory is refused here (exit 4); one that cannot be
             check_output_dir(queue.output_dir, create=True)    # made is the log's to say
@@ -4936,7 +5432,7 @@ def _build_cli():
         import logging
         logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s litequeue[%(process)d] %(levelname)s %(message)s")
-        supervisor = Supervisor(queue, options, tasks=tasks)
+        supervisor = Supervisor(queue, options, tasks=tasks, isolation=resolved)
         return supervisor.run()
 
     @cli.command()

@@ -1,4 +1,4 @@
--- litequeue schema, version 4 (PRAGMA user_version = 4).
+-- litequeue schema, version 5 (PRAGMA user_version = 5).
 -- This file is the whole current schema. Connection pragmas (WAL, synchronous, busy
 -- timeout) live in litequeue.py; schema changes get a migration step there too.
 -- Times are epoch seconds (REAL), always bound from Python, never computed in SQL.
@@ -114,7 +114,8 @@ CREATE TABLE supervisors (
     tasks        TEXT NOT NULL,       -- JSON list of task names it serves
     level        TEXT NOT NULL DEFAULT 'normal',
     pressure     REAL,
-    running      TEXT NOT NULL DEFAULT '[]'   -- JSON: [{id, task, rss_bytes}] for status
+    running      TEXT NOT NULL DEFAULT '[]',  -- JSON: [{id, task, rss_bytes}] for status
+    isolation    TEXT                -- v5: how its jobs' memory limits hold: cgroup or rlimit
 ) WITHOUT ROWID;
 
 -- v4: memory pressure over time, for the dashboard's chart. A live supervisor adds a row at

@@ -8,7 +8,7 @@ import pytest
 
 import litequeue
 
-OLD_VERSIONS = (1, 2, 3)
+OLD_VERSIONS = (1, 2, 3, 4)
 
 
 def make_old_file(path, version=1):
@@ -64,7 +64,7 @@ def test_an_old_file_migrates_to_equal_a_fresh_one(tmp_path, version):
         assert (job.max_attempts, job.timeout_s, job.memory_limit_bytes) == (7, 30, 64 << 20)
 
     assert shape(old) == shape(fresh)
-    assert shape(old)[2] == litequeue.SCHEMA_VERSION == 4
+    assert shape(old)[2] == litequeue.SCHEMA_VERSION == 5
     with litequeue.Queue(str(old)) as queue:
         assert queue.get(job_id).payload == {"after": "migration"}
 

@@ -169,7 +169,8 @@ def test_rss_polling_measures_a_reused_childs_job_from_its_hand_over(tmp_path, d
     hand-over, and its 64 MiB limit is enforced by RSS polling, the rlimit being blind to it."""
     app = write_app(tmp_path, APP_POOL)
     pid_file = tmp_path / "shm.pid"
-    server = serve("--app", app, "--slots", "1", "--jobs-per-child", "10", *FAST)
+    server = serve("--app", app, "--slots", "1", "--jobs-per-child", "10", "--isolation",
+                   "rlimit", *FAST)
     (warm,) = in_order(db_path, ("leak", {"mb": 30}))
     wait_for(lambda: state_of(db_path, warm) == "done")
     (hog,) = in_order(db_path, ("shm_hog", {"mb": 100, "pid_file": str(pid_file)}))

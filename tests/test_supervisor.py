@@ -318,7 +318,7 @@ def test_one_gib_under_400m_limit_fails_that_job_only(tmp_path, db_path, serve):
 
 def test_rss_polling_kills_memory_the_rlimit_does_not_count(tmp_path, db_path, serve):
     app = write_app(tmp_path, APP_MEMORY)
-    server = serve("--app", app, "--memory-limit", "400M", *FAST)
+    server = serve("--app", app, "--memory-limit", "400M", "--isolation", "rlimit", *FAST)
     wait_for(server.registered)
     with litequeue.Queue(db_path) as q:
         hog = q.enqueue("shm_hog", {"mb": 600})
@@ -335,7 +335,7 @@ def test_rss_polling_kills_memory_the_rlimit_does_not_count(tmp_path, db_path, s
 
 def test_memory_of_programs_a_task_starts_counts_against_its_limit(tmp_path, db_path, serve):
     app = write_app(tmp_path, APP_MEMORY)
-    server = serve("--app", app, "--memory-limit", "200M", *FAST)
+    server = serve("--app", app, "--memory-limit", "200M", "--isolation", "rlimit", *FAST)
     wait_for(server.registered)
     with litequeue.Queue(db_path) as q:
         hog = q.enqueue("spawns_hogs", {"mb": 150})
