@@ -327,6 +327,12 @@ def test_systemd_unit_flags_exist_and_stop_timeout_covers_grace(tmp_path):
     assert "ReadWritePaths" not in service                  # StateDirectory= covers it
     assert f"LITEQUEUE_DB={options['--db']}" in service["Environment"]
     assert "ProcSubset" not in service       # the governor reads /proc/pressure/memory
+    # A memory cgroup per job (serve's --isolation auto): the unit's subtree is delegated
+    # to the supervisor, and /sys/fs/cgroup is not made read-only under it.
+    assert service["Delegate"] == ["yes"]
+    assert service["ProtectControlGroups"] in (["no"], ["private"])
+    assert service["MemoryAccounting"] == ["yes"]
+    assert "--isolation" not in options or options["--isolation"] in ("auto", "cgroup")
 
 
 def test_systemd_unit_is_watched_and_never_gives_up():
