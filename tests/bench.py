@@ -85,6 +85,7 @@ FULL_RUN = dict(
     output_bytes=64 * MiB, output_rounds=3, output_big_bytes=1 << 30, follow_lines=20,
     metrics_jobs=100_000, metrics_calls=50, sample_writes=500,
     dash_jobs=100_000, dash_requests=100, dash_idle_s=10.0,
+    cgroup_ops=500, isolation_rounds=3,
 )
 QUICK_RUN = dict(
     single_full=30, single_normal=150, single_rounds=7,
@@ -99,9 +100,10 @@ QUICK_RUN = dict(
     output_bytes=4 * MiB, output_rounds=3, output_big_bytes=64 * MiB, follow_lines=10,
     metrics_jobs=100_000, metrics_calls=10, sample_writes=100,
     dash_jobs=20_000, dash_requests=20, dash_idle_s=2.0,
+    cgroup_ops=100, isolation_rounds=1,
 )
-SECTIONS = ("enqueue", "supervisor", "memory", "retention", "peers", "output", "metrics",
-            "dashboard")
+SECTIONS = ("enqueue", "supervisor", "memory", "isolation", "retention", "peers", "output",
+            "metrics", "dashboard")
 
 
 # ======================================================================================
@@ -789,6 +791,23 @@ def fsyncs_per_job(bench, n_jobs, jobs_per_child):
     return calls / n_jobs
 
 
+def start_latencies(queue, n_jobs):
+    """([enqueue -> claimed], [enqueue -> task running]) in seconds, for n_jobs `stamp` jobs
+    enqueued one at a time to a live supervisor, each after the last finished."""
+    to_claim, to_run = [], []
+    for i in range(n_jobs):
+        job_id = queue.enqueue("stamp")
+        returned = time.time()
+        job = wait_until(lambda: (lambda j: j if j.state in litequeue.FINAL_STATES else None)(
+            queue.get(job_id)), 30, what=f"job {job_id}")
+        if job.state != "done":
+            raise RuntimeError(f"stamp job {job_id} ended {job.state}: {job.error}")
+        to_claim.append(job.started_at - returned)
+        to_run.append(job.result["t"] - returned)
+        time.sleep(0.05 + 0.1 * ((i * 7919) % 100) / 100)   # gaps of 50-150 ms
+    return to_claim, to_run
+
+
 def idle_rss_baseline():
     proc = subprocess.Popen([PY, "-c", IDLE_BASELINE])
     try:
@@ -863,17 +882,7 @@ def section_supervisor(bench):
             raise RuntimeError(f"serve exited {proc.returncode}: {log_tail(db + '.log')}")
         time.sleep(1.0)
         say(f"enqueue-to-start latency, {n['latency_jobs']} jobs one at a time")
-        to_claim, to_run = [], []
-        for i in range(n["latency_jobs"]):
-            job_id = queue.enqueue("stamp")
-            returned = time.time()
-            job = wait_until(lambda: (lambda j: j if j.state in litequeue.FINAL_STATES else None)(
-                queue.get(job_id)), 30, what=f"job {job_id}")
-            if job.state != "done":
-                raise RuntimeError(f"stamp job {job_id} ended {job.state}: {job.error}")
-            to_claim.append(job.started_at - returned)
-            to_run.append(job.result["t"] - returned)
-            time.sleep(0.05 + 0.1 * ((i * 7919) % 100) / 100)   # gaps of 50-150 ms
+        to_claim, to_run = start_latencies(queue, n["latency_jobs"])
         p50, p99 = percentile(to_run, 50), percentile(to_run, 99)
         fork50 = percentile(fork_lat, 50)
         t.row("enqueue -> task running, p50 (idle supervisor)", ms(p50),
@@ -1142,6 +1151,172 @@ def section_memory(bench):
     queue.close()
     t.row("whole idle supervisor, --poll 0.1 with a budget (% of a core)", f"{100 * share:.2f}%",
           "", "", "(all its work, not only polling)", None)
+    return t
+
+
+# ======================================================================================
+# 3b. isolation: the cost of a cgroup per job, and what it holds
+# ======================================================================================
+
+SHM_HOG_APP = """
+import mmap, os, sys, time
+sys.path.insert(0, {root!r})
+from litequeue import Queue
+queue = Queue({db!r})
+
+@queue.task(max_attempts=1)
+def shm_hog(ctx, mb=600):
+    area = mmap.mmap(-1, mb << 20, flags=mmap.MAP_SHARED)
+    for offset in range(0, mb << 20, mmap.PAGESIZE):
+        area[offset] = 1
+    time.sleep(30)
+"""
+
+
+class BenchGroup:
+    """A v1/v2 memory cgroup below this process's own, for one serve run: its peak usage
+    is what the supervisor and all its jobs held at most."""
+
+    def __init__(self, groups, name):
+        self.groups, self.path = groups, os.path.join(groups.own_dir, name)
+        os.mkdir(self.path)
+
+    def join(self):                       # preexec_fn: serve starts inside it
+        with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def usage(self):
+        return litequeue.group_usage_bytes(self.groups.version, self.path)
+
+    def peak(self):
+        name = "memory.max_usage_in_bytes" if self.groups.version == 1 else "memory.peak"
+        with open(os.path.join(self.path, name)) as f:
+            return int(f.read())
+
+    def remove(self):
+        self.groups._remove_tree(self.path, 5.0)
+
+
+def isolation_burst(bench, n_jobs, isolation):
+    """jobs/s of serve --burst --slots 2 (a fresh child per job) with that --isolation."""
+    db = bench.path(f"iso-{isolation}.db")
+    queue = litequeue.Queue(db)
+    for start in range(0, n_jobs, 1000):
+        queue.enqueue_many([("echo", {"i": i}) for i in range(start, min(n_jobs, start + 1000))])
+    queue.close()
+    t0 = time.perf_counter()
+    with open(db + ".log", "w") as log:
+        proc = subprocess.run([PY, SCRIPT, "serve", "--burst", "--slots", "2", "--db", db,
+                               "--isolation", isolation], stdout=subprocess.DEVNULL, stderr=log,
+                              cwd=bench.dir, timeout=1800)
+    wall = time.perf_counter() - t0
+    text = open(db + ".log").read()
+    if proc.returncode != 0 or f"memory isolation: {isolation}" not in text:
+        raise RuntimeError(f"serve --isolation {isolation} exited {proc.returncode}: "
+                           f"{log_tail(db + '.log')}")
+    return n_jobs / wall
+
+
+def shm_hog_peak(bench, groups, isolation):
+    """(peak of the supervisor's group above what it held serving, how the job ended) for a
+    600 MiB MAP_SHARED hog under --memory-limit 200M."""
+    db = bench.path(f"hog-{isolation}.db")
+    app = os.path.join(bench.dir, f"hog_app_{isolation}.py")
+    with open(app, "w") as f:
+        f.write(SHM_HOG_APP.format(root=ROOT, db=db))
+    group = BenchGroup(groups, f"bench-{os.getpid()}-{isolation}")
+    try:
+        queue = litequeue.Queue(db)
+        with open(db + ".log", "w") as log:
+            proc = subprocess.Popen([PY, SCRIPT, "serve", "--app", app, "--db", db,
+                                     "--memory-limit", "200M", "--poll", "0.25", "--isolation",
+                                     isolation], stdout=subprocess.DEVNULL, stderr=log,
+                                    cwd=bench.dir, preexec_fn=group.join)
+            try:
+                wait_until(lambda: queue.live_supervisors() or proc.poll() is not None, 30,
+                           what="the supervisor to register")
+                time.sleep(0.5)
+                serving_bytes = group.usage()
+                job_id = queue.enqueue("shm_hog", {"mb": 600})
+                job = wait_until(lambda: (lambda j: j if j.state in litequeue.FINAL_STATES
+                                          else None)(queue.get(job_id)), 60, what="the hog")
+            finally:
+                stop_process(proc)
+        queue.close()
+        return group.peak() - serving_bytes, job.error.splitlines()[0]
+    finally:
+        group.remove()
+
+
+def section_isolation(bench):
+    n = bench.n
+    t = Table("3b. memory isolation: a cgroup per job against rlimit alone")
+    try:
+        groups = litequeue.JobCgroups.detect()
+    except litequeue.CgroupUnusable as exc:
+        t.note(f"no cgroup per job on this machine ({exc}): section skipped")
+        return t
+
+    say("making and removing a job's group, in this process")
+    made = []
+    t0 = time.perf_counter()
+    for i in range(n["cgroup_ops"]):
+        made.append(groups.create(f"bench-{i}", 200 * MiB))
+    t1 = time.perf_counter()
+    for path in made:
+        groups.remove(path)
+    t2 = time.perf_counter()
+    groups.close()
+    t.row("make a job's group (mkdir + limits)", us((t1 - t0) / len(made)), "", "", "")
+    t.row("remove it (rmdir, after the child is reaped)", us((t2 - t1) / len(made)), "", "", "")
+
+    jobs = n["sup_jobs"]
+    rates = {"rlimit": [], "cgroup": []}
+    for round_ in range(n["isolation_rounds"]):
+        for isolation in ("rlimit", "cgroup"):
+            say(f"{jobs} echo jobs, serve --burst --isolation {isolation} "
+                f"(round {round_ + 1}/{n['isolation_rounds']})")
+            rates[isolation].append(isolation_burst(bench, jobs, isolation))
+    plain, grouped = (statistics.median(rates[k]) for k in ("rlimit", "cgroup"))
+    cost_s = 1 / grouped - 1 / plain
+    t.row(f"{jobs:,} no-op jobs, serve --burst, a fresh child each (jobs/s)", rate(grouped),
+          f"rlimit {rate(plain)}", pct(grouped / plain), "")
+    t.row("   cost of the group per job (1/rate difference)", ms(cost_s), "", "", "< 1 ms",
+          cost_s < 0.001)
+
+    db = bench.path("iso-latency.db")
+    app = os.path.join(bench.dir, "iso_stamp_app.py")
+    with open(app, "w") as f:
+        f.write(STAMP_APP.format(root=ROOT, db=db))
+    latency = {}
+    queue = litequeue.Queue(db)
+    for isolation in ("rlimit", "cgroup"):
+        with serving(["--app", app, "--db", db, "--isolation", isolation],
+                     db + f".{isolation}.log") as proc:
+            wait_until(lambda: queue.live_supervisors() or proc.poll() is not None, 30,
+                       what="the supervisor to register")
+            time.sleep(1.0)
+            say(f"enqueue-to-start latency, --isolation {isolation}, {n['latency_jobs']} jobs")
+            latency[isolation] = start_latencies(queue, n["latency_jobs"])[1]
+    queue.close()
+    p50 = {k: percentile(v, 50) for k, v in latency.items()}
+    t.row("enqueue -> task running, p50", ms(p50["cgroup"]), f"rlimit {ms(p50['rlimit'])}",
+          f"{1e3 * (p50['cgroup'] - p50['rlimit']):+.1f} ms", "< 1 ms more",
+          p50["cgroup"] - p50["rlimit"] < 0.001)
+    t.row("enqueue -> task running, p99", ms(percentile(latency["cgroup"], 99)),
+          f"rlimit {ms(percentile(latency['rlimit'], 99))}", "", "")
+
+    for isolation in ("rlimit", "cgroup"):
+        say(f"600 MiB MAP_SHARED hog under --memory-limit 200M, --isolation {isolation}")
+        above, error = shm_hog_peak(bench, groups, isolation)
+        t.row(f"600 MiB MAP_SHARED hog, limit 200M, {isolation}: peak above serving",
+              mb(above), "limit 200 MiB", "", "<= limit + 8 MiB" if isolation == "cgroup"
+              else "", (above <= 208 * MiB) if isolation == "cgroup" else None)
+        t.note(f"{isolation}: the hog ended: {error}")
+    t.note(f"isolation: {groups!r}; throughput rounds alternate rlimit and cgroup "
+           f"({n['isolation_rounds']} each, median); latency as in section 2; the hog runs in "
+           f"a fresh serve placed in a memory cgroup of its own, whose peak usage "
+           f"(max_usage_in_bytes / memory.peak) counts the supervisor and every job")
     return t
 
 
@@ -2205,7 +2380,8 @@ def section_dashboard(bench):
 
 
 RUNNERS = {"enqueue": section_enqueue, "supervisor": section_supervisor,
-           "memory": section_memory, "retention": section_retention, "peers": section_peers,
+           "memory": section_memory, "isolation": section_isolation,
+           "retention": section_retention, "peers": section_peers,
            "output": section_output, "metrics": section_metrics,
            "dashboard": section_dashboard}
 
