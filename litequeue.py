@@ -3290,6 +3290,16 @@ def claimable_priorities(level, stopping):
     return () if stopping else START_PRIORITIES[level]
 
 
+def aged_priority(priority, waited_s, age_s):
+    """The priority a job is claimed at after waiting `waited_s` past its due time: one
+    better for each whole `age_s` waited, never better than high (critical stays reserved
+    for work declared critical). `age_s` None or 0: no aging. Only the claim order uses it:
+    memory levels shed and preempt by the job's own priority."""
+    if not age_s or priority <= HIGH or waited_s < age_s:
+        return priority
+    return max(HIGH, priority - int(waited_s // age_s))
+
+
 class RunFacts:
     """What the limit and ending decisions need to know of one run."""
 
