@@ -1080,22 +1080,25 @@ class _Leases(_Store):
 
     # -- the worker side: claim, complete, fail, release, checkpoints --------------------
 
-    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
+    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None,
+              age_s=None):
         """Atomically take up to `limit` due jobs (priority, then due time, then id) for
         `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
         `tasks`: the names of the tasks the claimer serves (None: any); a dict {name: Task}
         also gives its declarations, which come before the catalogue when a job's options
-        resolve (see RESOLVED_AT_CLAIM).
+        resolve (see RESOLVED_AT_CLAIM). `priorities`: the jobs' own priorities that may be
+        claimed. `age_s`: the priority a job is claimed at improves by one for each `age_s`
+        it has waited past its due time, up to high (see aged_priority); None or 0: no aging.
 
         A claim is committed without its own fsync, even on a durable queue: it records only
         a lease. Should power fail before a later commit syncs the log, the job is found
         queued again, which is what recovery makes of a running job whose supervisor died."""
         at = now() if at is None else at
         with self._unsynced(), self._tx():
-            return self._claim_in_tx(owner, tasks, priorities, limit, at)
+            return self._claim_in_tx(owner, tasks, priorities, limit, at, age_s=age_s)
 
     def complete_and_claim(self, job_id, owner, attempt, result=None, *, tasks=None,
-                           priorities=(0, 1, 2, 3), pid=None):
+                           priorities=(0, 1, 2, 3), pid=None, age_s=None):
         """complete(), and in the same transaction claim the next job for the same owner:
         one commit between two jobs, as a pooled child goes on. The claimed row records
         `pid`, the process that will run it. Returns the Job or None."""
@@ -1103,24 +1106,29 @@ class _Leases(_Store):
         with self._tx():
             at = now()
             self._complete_in_tx(job_id, owner, attempt, text, at)
-            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid)
+            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid, age_s)
         return claimed[0] if claimed else None
 
-    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None):
+    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None, age_s=None):
         served = None if tasks is None else tuple(sorted(set(tasks)))
         claimed = []
-        # The best priority with anything queued, read off the claim index: the probes
-        # below skip the (often empty) levels above it.
-        lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
-                                   " WHERE state = 'queued'").fetchall()[0][0]
-        if lowest is None:
+        levels = self._claim_levels(priorities, at, age_s)
+        if not levels:
             return []
         blocked, trial_tasks = breakers_blocking(self.conn, at)
-        for priority in sorted(p for p in priorities if p >= lowest):
+        for sources in levels:
+            # Each source's next job, its head, is the oldest there: the earliest head (due
+            # time, then id) is the level's next job, a merge with no scan.
+            heads = {}
             while len(claimed) < limit:
-                row = self._next_due(priority, at, served, blocked)
-                if row is None:
+                for priority, due_by in sources:
+                    if priority not in heads:
+                        heads[priority] = self._next_due(priority, at, served, blocked, due_by)
+                ready = [(row["due_at"], row["id"], priority)
+                         for priority, row in heads.items() if row is not None]
+                if not ready:
                     break
+                row = heads.pop(min(ready)[2])
                 task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
                 (running,) = _rows(self.conn.execute(self._CLAIM_SQL, {
                     "owner": owner, "at": at, "pid": pid, "id": row["id"],
@@ -1136,8 +1144,39 @@ class _Leases(_Store):
                 if row["task"] in trial_tasks:
                     begin_trial(self.conn, row["task"], row["id"], at)
                     blocked.add(row["task"])           # exactly one trial job
+                    for priority, head in list(heads.items()):
+                        if head is not None and head["task"] == row["task"]:
+                            del heads[priority]
                 claimed.append(job)
         return claimed
+
+    def _claim_levels(self, priorities, at, age_s):
+        """The order a claim looks in: for each priority a job may be claimed at, best
+        first, its sources as (own priority, due by): the jobs of that priority due by now,
+        and, with aging, those of a lower one that have waited long enough to be claimed at
+        this one. [] when nothing is queued."""
+        if age_s is not None and not age_s >= 0:
+            raise BadInput(f"age_s: {age_s!r} must be >= 0")
+        # The best priority with anything queued, and with aging the oldest due time of
+        # each priority that can age, read off the claim index in one statement: the
+        # probes skip the (often empty) levels above, and a claim looks at a lower
+        # priority early only when its oldest job has waited long enough.
+        aging = (NORMAL, LOW) if age_s else ()
+        row = self.conn.execute(
+            "SELECT (SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
+            " WHERE state = 'queued')" + "".join(
+                ", (SELECT min(due_at) FROM jobs INDEXED BY jobs_claim"
+                f" WHERE state = 'queued' AND priority = {p})" for p in aging)).fetchall()[0]
+        lowest, oldest = row[0], dict(zip(aging, row[1:]))
+        if lowest is None:
+            return []
+        own = sorted({p for p in priorities if p >= lowest})
+        best = {p: p if oldest.get(p) is None else aged_priority(p, at - oldest[p], age_s)
+                for p in own}
+        levels = [[(p, at - (p - level) * age_s if p > level else at)
+                   for p in own if p == level or best[p] <= level < p]
+                  for level in PRIORITY_NAMES]
+        return [sources for sources in levels if sources]
 
     # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
     # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
@@ -1160,18 +1199,20 @@ class _Leases(_Store):
 
     CLAIM_WINDOW = 64
 
-    def _next_due(self, priority, at, served, blocked):
-        """The next claimable job at one priority: {id, task}, or None.
+    def _next_due(self, priority, at, served, blocked, due_by=None):
+        """The next claimable job at one priority, due by `due_by` (default: `at`) and not
+        expired at `at`: {id, task, due_at}, or None.
 
         Jobs are looked at in claim order (due time, then id) among the first CLAIM_WINDOW
         due at this priority, which is where the next job almost always is. Only when all
         of those belong to tasks this claimer may not run (served by another supervisor,
         or behind an open breaker) does it seek the earliest job of each task it may run,
         so a backlog of someone else's jobs never makes every claim scan it."""
-        window = ("SELECT id, task, expires_at FROM jobs INDEXED BY jobs_claim"
-                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :at"
+        window = ("SELECT id, task, due_at, expires_at FROM jobs INDEXED BY jobs_claim"
+                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :due_by"
                   " ORDER BY due_at, id LIMIT :window")
-        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW}
+        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW,
+                  "due_by": at if due_by is None else due_by}
         claimable = " (expires_at IS NULL OR expires_at > :at)"
         # The task lists as literal parameter lists: a few times cheaper than json_each,
         # and each supervisor keeps using the same few statements (cached once prepared).
@@ -1181,7 +1222,7 @@ class _Leases(_Store):
                 claimable += f" AND task {op} ({marks})"
                 params.update((f"{name}{i}", value) for i, value in enumerate(values))
         rows = _rows(self.conn.execute(
-            f"SELECT id, task FROM ({window}) WHERE{claimable} LIMIT 1", params))
+            f"SELECT id, task, due_at FROM ({window}) WHERE{claimable} LIMIT 1", params))
         if rows:
             return rows[0]
         crowded = self.conn.execute(f"SELECT count(*) FROM ({window})",
@@ -1190,8 +1231,8 @@ class _Leases(_Store):
             return None
         if served is None:                    # no list of tasks to seek: scan in claim order
             rows = _rows(self.conn.execute(
-                "SELECT id, task FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
-                f" AND priority = :priority AND due_at <= :at AND{claimable}"
+                "SELECT id, task, due_at FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
+                f" AND priority = :priority AND due_at <= :due_by AND{claimable}"
                 " ORDER BY due_at, id LIMIT 1", params))
             return rows[0] if rows else None
         best = None
@@ -1201,12 +1242,12 @@ class _Leases(_Store):
             rows = _rows(self.conn.execute(
                 "SELECT id, task, due_at FROM jobs INDEXED BY jobs_task_queue"
                 " WHERE state = 'queued' AND task = :task AND priority = :priority"
-                " AND due_at <= :at AND (expires_at IS NULL OR expires_at > :at)"
+                " AND due_at <= :due_by AND (expires_at IS NULL OR expires_at > :at)"
                 " ORDER BY due_at, id LIMIT 1", {**params, "task": task}))
             if rows and (best is None or (rows[0]["due_at"], rows[0]["id"])
                          < (best["due_at"], best["id"])):
                 best = rows[0]
-        return None if best is None else {"id": best["id"], "task": best["task"]}
+        return best
 
     def has_due(self, *, tasks=None, at=None):
         """Is any job of these tasks claimable now (ignoring memory pressure)?"""
@@ -1353,8 +1394,8 @@ class _Leases(_Store):
         """Record in one transaction what a supervisor's children reported (progress,
         checkpoints) and how their runs ended, the supervisor's decisions (events), its
         memory samples ((at, pressure, level, tree_bytes) each; samples older than
-        PRESSURE_HISTORY_S go), and claim its next jobs (claims: (tasks, priorities, limit)
-        each): a group commit.
+        PRESSURE_HISTORY_S go), and claim its next jobs (claims: (tasks, priorities, limit,
+        age_s) each, as claim() takes them): a group commit.
 
         Returns ({job_id: state after, or None if its lease was lost}, [[claimed Job] for
         each claim]). Synced
@@ -1373,7 +1414,8 @@ class _Leases(_Store):
                 self._event(event_at, job_id, task, kind, from_state, to_state, reason, pressure)
             if samples:
                 self._record_samples(owner, samples)
-            claimed = [self._claim_in_tx(owner, *claim, at) for claim in claims]
+            claimed = [self._claim_in_tx(owner, tasks, priorities, limit, at, age_s=age_s)
+                       for tasks, priorities, limit, age_s in claims]
         return states, claimed
 
     def _record_samples(self, owner, samples):
@@ -4232,7 +4274,7 @@ class Supervisor:
         if not (records or self._events or self._samples or wanted):
             return []
         claims = [(self.tasks, claimable_priorities(self.tracker.level, self._stopping),
-                   wanted)] if wanted else []
+                   wanted, None)] if wanted else []
         states, claimed = self.queue.record_runs(
             self.id, [RunRecord(run.job.id, run.job.attempts, run.progress, run.checkpoint,
                                 run.ending, self.pressure) for run in records],

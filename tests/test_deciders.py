@@ -10,9 +10,9 @@ import pytest
 
 import litequeue
 from litequeue import (CANCELLED, CRITICAL, DONE, ENDING_FAILED, ENDING_REQUEUED,
-                       EXIT_CHILD_STOPPED, FAILED_ERROR, FAILED_PERMANENT, STOP_CANCEL,
-                       STOP_EMERGENCY, STOP_MEMORY, STOP_OUTPUT, STOP_PREEMPT, STOP_SHUTDOWN, STOP_START,
-                       STOP_TIMEOUT, HIGH, LOW, NORMAL,
+                       EXIT_CHILD_STOPPED, FAILED_ERROR, FAILED_PERMANENT, HIGH, LOW, NORMAL,
+                       STOP_CANCEL, STOP_EMERGENCY, STOP_MEMORY, STOP_OUTPUT, STOP_PREEMPT,
+                       STOP_SHUTDOWN, STOP_START, STOP_TIMEOUT,
                        Ending, RunFacts, aged_priority, ahead_wanted, claimable_priorities,
                        limits_verdict, run_ending, shutdown_stops)
 from conftest import wait_for
