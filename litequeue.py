@@ -138,6 +138,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MEMORY_LIMIT_BYTES = 400 * MiB
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
+DEFAULT_AGE_S = 600.0            # serve --age: a job waiting this long is claimed one priority up
 ROOM_WAIT_FIRST_S, ROOM_WAIT_MAX_S = 0.01, 0.5   # a producer waiting on a full queue tries
                                                  # again after this, doubling up to that
 MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
@@ -3287,12 +3288,12 @@ class SupervisorOptions:
 
     __slots__ = ("slots", "jobs_per_child", "memory_limit_bytes", "memory_budget_bytes",
                  "poll_s", "thresholds", "margin", "hold_s", "grace_s", "keep_s", "burst",
-                 "notice_s", "start_deadline_s", "output_limit_bytes")
+                 "notice_s", "start_deadline_s", "output_limit_bytes", "age_s")
 
     def __init__(self, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
                  jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S,
-                 output_limit=DEFAULT_OUTPUT_LIMIT):
+                 output_limit=DEFAULT_OUTPUT_LIMIT, age=DEFAULT_AGE_S):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
         self.memory_limit_bytes = parse_memory_size(memory_limit, "--memory-limit")
@@ -3307,6 +3308,7 @@ class SupervisorOptions:
         self.notice_s = parse_duration(notice, "notice", allow_zero=False)
         self.start_deadline_s = parse_duration(start_deadline, "start_deadline", allow_zero=False)
         self.output_limit_bytes = parse_size(output_limit, "--output-limit")
+        self.age_s = parse_duration(age, "--age")          # 0: no aging
 
     def level_tracker(self):
         return LevelTracker(self.thresholds, self.margin, self.hold_s)
@@ -4274,7 +4276,7 @@ class Supervisor:
         if not (records or self._events or self._samples or wanted):
             return []
         claims = [(self.tasks, claimable_priorities(self.tracker.level, self._stopping),
-                   wanted, None)] if wanted else []
+                   wanted, self.options.age_s)] if wanted else []
         states, claimed = self.queue.record_runs(
             self.id, [RunRecord(run.job.id, run.job.attempts, run.progress, run.checkpoint,
                                 run.ending, self.pressure) for run in records],
@@ -4939,6 +4941,11 @@ def _build_cli():
     @click.option("--output-limit", default=DEFAULT_OUTPUT_LIMIT, show_default=True,
                   help="one job's output (400M, 1G, 512MiB or bytes); a job writing past "
                        "it is stopped")
+    @click.option("--age", default="10m", show_default=True, metavar="DURATION",
+                  help="a job waiting this long past its due time is started as one priority "
+                       "higher, one more per further DURATION, up to high, so higher work "
+                       "cannot starve it; memory levels still shed and preempt by its own "
+                       "priority; 0: off")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")
     @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True,
@@ -4951,8 +4958,8 @@ def _build_cli():
     @click.option("--log-level", default="info", show_default=True, help="stderr log detail",
                   type=click.Choice(["debug", "info", "warning", "error"]))
     def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
-              grace, keep, jobs_per_child, burst, output_limit, durability, breaker_failures,
-              breaker_window, breaker_cooldown, log_level):
+              grace, keep, jobs_per_child, burst, output_limit, age, durability,
+              breaker_failures, breaker_window, breaker_cooldown, log_level):
         """Run the supervisor: the tasks of --app, else the built-in heartbeat and demo
         tasks (echo, sleep, hog, chunked, fail)."""
         try:
@@ -4967,7 +4974,7 @@ def _build_cli():
                                     memory_budget=memory_budget, poll=poll, thresholds=levels,
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst,
-                                    output_limit=output_limit)
+                                    output_limit=output_limit, age=age)
         tasks, app_files = load_app_with_files(app) if app is not None else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:

@@ -1,6 +1,7 @@
-"""Priority aging: a job that has waited long past its due time is claimed as one priority
-higher per age_s waited, up to high, on real files with explicit claim times; the claim
-order against aged_priority as a property."""
+"""Priority aging (serve --age): a job that has waited long past its due time is claimed as
+one priority higher per age_s waited, up to high, on real files with explicit claim times;
+the claim order against aged_priority as a property; and a real `serve --burst` where a low
+job queued first runs before a backlog of high work is drained (and last with --age 0)."""
 
 import datetime
 import os
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import litequeue
 from litequeue import CRITICAL, HIGH, LOW, NORMAL, aged_priority
+from conftest import run_cli
 
 T0 = 1_800_000_000.0          # whole seconds: due times and cutoffs are exact floats
 AGE = 100.0
@@ -221,3 +223,63 @@ def test_a_claim_takes_the_best_jobs_by_aged_priority(jobs, age_s, at_offset, li
             due, key=lambda j: (aged_priority(j[1], at - j[2], age_s), j[2], j[0]))]
         assert claimed_ids(queue, at, age_s=age_s, limit=limit,
                            priorities=priorities) == expected[:limit]
+
+
+# -- a real supervisor ---------------------------------------------------------------------
+
+HIGH_JOBS, HIGH_JOB_S = 20, 0.25
+
+
+def started_order(db, age):
+    """A low job queued first, then a backlog of high ones, through `serve --burst --slots 1
+    --age AGE`: the jobs in the order they started."""
+    with litequeue.Queue(db) as queue:
+        low = queue.enqueue("sleep", {"seconds": 0.01}, priority="low")
+        highs = queue.enqueue_many([{"task": "sleep", "payload": {"seconds": HIGH_JOB_S},
+                                     "priority": "high"} for _ in range(HIGH_JOBS)])
+    result = run_cli("serve", "--burst", "--slots", "1", "--age", age, "--poll", "0.05",
+                     db=db, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with litequeue.Queue(db) as queue:
+        jobs = [queue.get(job_id) for job_id in [low, *highs]]
+    assert {job.state for job in jobs} == {"done"}
+    order = [job.id for job in sorted(jobs, key=lambda job: job.started_at)]
+    return order.index(low), len(order)
+
+
+def test_serve_runs_an_aged_low_job_before_the_high_backlog_is_drained(tmp_path):
+    # 20 high jobs of 0.25 s take 5 s or more; with --age 1s the low job is claimed as high
+    # once it has waited 2 s, and it is then the oldest high job.
+    position, count = started_order(tmp_path / "aged.db", "1s")
+    assert position < count - 5, (position, count)
+    # With aging off it waits for the last high job.
+    position, count = started_order(tmp_path / "off.db", "0")
+    assert position == count - 1
+
+
+def test_serve_refuses_a_bad_age_with_exit_2(tmp_path):
+    db = tmp_path / "q.db"
+    for age in ("soon", "-5m", "nan"):
+        result = run_cli("serve", "--burst", "--age", age, db=db, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "--age" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not db.exists(), "bad input must not create the database file"
+
+
+def test_the_supervisor_ages_by_default_and_age_0_turns_it_off():
+    assert litequeue.SupervisorOptions().age_s == 600.0                 # SPEC: 10m
+    assert litequeue.SupervisorOptions(age="2m").age_s == 120.0
+    assert litequeue.SupervisorOptions(age="0").age_s == 0.0
+    with pytest.raises(litequeue.BadInput, match="--age"):
+        litequeue.SupervisorOptions(age="-1s")
+
+
+def test_serve_help_describes_age():
+    from click.testing import CliRunner
+    result = CliRunner().invoke(litequeue._build_cli(), ["serve", "--help"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    assert "--age DURATION" in text and "[default: 10m]" in text
+    assert "by its own priority" in text
