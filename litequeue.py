@@ -1118,18 +1118,11 @@ class _Leases(_Store):
             return []
         blocked, trial_tasks = breakers_blocking(self.conn, at)
         for sources in levels:
-            # Each source's next job, its head, is the oldest there: the earliest head (due
-            # time, then id) is the level's next job, a merge with no scan.
             heads = {}
             while len(claimed) < limit:
-                for priority, due_by in sources:
-                    if priority not in heads:
-                        heads[priority] = self._next_due(priority, at, served, blocked, due_by)
-                ready = [(row["due_at"], row["id"], priority)
-                         for priority, row in heads.items() if row is not None]
-                if not ready:
+                row = self._next_of_level(sources, heads, at, served, blocked)
+                if row is None:
                     break
-                row = heads.pop(min(ready)[2])
                 task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
                 (running,) = _rows(self.conn.execute(self._CLAIM_SQL, {
                     "owner": owner, "at": at, "pid": pid, "id": row["id"],
@@ -1145,11 +1138,19 @@ class _Leases(_Store):
                 if row["task"] in trial_tasks:
                     begin_trial(self.conn, row["task"], row["id"], at)
                     blocked.add(row["task"])           # exactly one trial job
-                    for priority, head in list(heads.items()):
-                        if head is not None and head["task"] == row["task"]:
-                            del heads[priority]
+                    heads.clear()                      # one of them may be of that task
                 claimed.append(job)
         return claimed
+
+    # The best priority with anything queued, read off the claim index: the probes skip
+    # the (often empty) levels above it. With aging, in the same statement, the oldest due
+    # time of each priority that can age: a lower priority is looked at early only when
+    # its oldest job has waited long enough.
+    _LOWEST_SQL = ("SELECT (SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
+                   " WHERE state = 'queued')")
+    _LOWEST_AND_OLDEST_SQL = _LOWEST_SQL + "".join(
+        ", (SELECT min(due_at) FROM jobs INDEXED BY jobs_claim"
+        f" WHERE state = 'queued' AND priority = {priority})" for priority in (NORMAL, LOW))
 
     def _claim_levels(self, priorities, at, age_s):
         """The order a claim looks in: for each priority a job may be claimed at, best
@@ -1158,26 +1159,38 @@ class _Leases(_Store):
         this one. [] when nothing is queued."""
         if age_s is not None and not age_s >= 0:
             raise BadInput(f"age_s: {age_s!r} must be >= 0")
-        # The best priority with anything queued, and with aging the oldest due time of
-        # each priority that can age, read off the claim index in one statement: the
-        # probes skip the (often empty) levels above, and a claim looks at a lower
-        # priority early only when its oldest job has waited long enough.
-        aging = (NORMAL, LOW) if age_s else ()
-        row = self.conn.execute(
-            "SELECT (SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
-            " WHERE state = 'queued')" + "".join(
-                ", (SELECT min(due_at) FROM jobs INDEXED BY jobs_claim"
-                f" WHERE state = 'queued' AND priority = {p})" for p in aging)).fetchall()[0]
-        lowest, oldest = row[0], dict(zip(aging, row[1:]))
+        best = {}        # {own priority: the best any job of it is claimed at now}, if aged
+        if not age_s:
+            (lowest,) = self.conn.execute(self._LOWEST_SQL).fetchall()[0]
+        else:
+            lowest, *oldest = self.conn.execute(self._LOWEST_AND_OLDEST_SQL).fetchall()[0]
+            for priority, due_at in zip((NORMAL, LOW), oldest):
+                aged = priority if due_at is None else aged_priority(priority, at - due_at, age_s)
+                if aged < priority:
+                    best[priority] = aged
         if lowest is None:
             return []
-        own = sorted({p for p in priorities if p >= lowest})
-        best = {p: p if oldest.get(p) is None else aged_priority(p, at - oldest[p], age_s)
-                for p in own}
+        own = sorted(p for p in priorities if p >= lowest)
+        if not best.keys() & own:                  # nothing aged: one source per priority
+            return [[(p, at)] for p in own]
         levels = [[(p, at - (p - level) * age_s if p > level else at)
-                   for p in own if p == level or best[p] <= level < p]
+                   for p in own if p == level or best.get(p, p) <= level < p]
                   for level in PRIORITY_NAMES]
         return [sources for sources in levels if sources]
+
+    def _next_of_level(self, sources, heads, at, served, blocked):
+        """The next job of one claim priority: the earliest (due time, then id) of its
+        sources' next jobs, each the oldest of its source, so a merge with no scan.
+        `heads` keeps the others' for the next call in the same claim."""
+        if len(sources) == 1:                      # no aging here: nothing to merge
+            priority, due_by = sources[0]
+            return self._next_due(priority, at, served, blocked, due_by)
+        for priority, due_by in sources:
+            if priority not in heads:
+                heads[priority] = self._next_due(priority, at, served, blocked, due_by)
+        ready = [(row["due_at"], row["id"], priority)
+                 for priority, row in heads.items() if row is not None]
+        return heads.pop(min(ready)[2]) if ready else None
 
     # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
     # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
