@@ -139,6 +139,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MEMORY_LIMIT_BYTES = 400 * MiB
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 300.0
+DEFAULT_AGE_S = 600.0            # serve --age: a job waiting this long is claimed one priority up
 ROOM_WAIT_FIRST_S, ROOM_WAIT_MAX_S = 0.01, 0.5   # a producer waiting on a full queue tries
                                                  # again after this, doubling up to that
 MAX_PAYLOAD_BYTES = 1 * MiB      # payloads, results and checkpoints alike
@@ -1081,22 +1082,25 @@ class _Leases(_Store):
 
     # -- the worker side: claim, complete, fail, release, checkpoints --------------------
 
-    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None):
+    def claim(self, owner, *, tasks=None, priorities=(0, 1, 2, 3), limit=1, at=None,
+              age_s=None):
         """Atomically take up to `limit` due jobs (priority, then due time, then id) for
         `owner`, skipping tasks behind an open breaker. Each claim charges one attempt.
         `tasks`: the names of the tasks the claimer serves (None: any); a dict {name: Task}
         also gives its declarations, which come before the catalogue when a job's options
-        resolve (see RESOLVED_AT_CLAIM).
+        resolve (see RESOLVED_AT_CLAIM). `priorities`: the jobs' own priorities that may be
+        claimed. `age_s`: the priority a job is claimed at improves by one for each `age_s`
+        it has waited past its due time, up to high (see aged_priority); None or 0: no aging.
 
         A claim is committed without its own fsync, even on a durable queue: it records only
         a lease. Should power fail before a later commit syncs the log, the job is found
         queued again, which is what recovery makes of a running job whose supervisor died."""
         at = now() if at is None else at
         with self._unsynced(), self._tx():
-            return self._claim_in_tx(owner, tasks, priorities, limit, at)
+            return self._claim_in_tx(owner, tasks, priorities, limit, at, age_s=age_s)
 
     def complete_and_claim(self, job_id, owner, attempt, result=None, *, tasks=None,
-                           priorities=(0, 1, 2, 3), pid=None):
+                           priorities=(0, 1, 2, 3), pid=None, age_s=None):
         """complete(), and in the same transaction claim the next job for the same owner:
         one commit between two jobs, as a pooled child goes on. The claimed row records
         `pid`, the process that will run it. Returns the Job or None."""
@@ -1104,22 +1108,20 @@ class _Leases(_Store):
         with self._tx():
             at = now()
             self._complete_in_tx(job_id, owner, attempt, text, at)
-            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid)
+            claimed = self._claim_in_tx(owner, tasks, priorities, 1, at, pid, age_s)
         return claimed[0] if claimed else None
 
-    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None):
+    def _claim_in_tx(self, owner, tasks, priorities, limit, at, pid=None, age_s=None):
         served = None if tasks is None else tuple(sorted(set(tasks)))
         claimed = []
-        # The best priority with anything queued, read off the claim index: the probes
-        # below skip the (often empty) levels above it.
-        lowest = self.conn.execute("SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
-                                   " WHERE state = 'queued'").fetchall()[0][0]
-        if lowest is None:
+        levels = self._claim_levels(priorities, at, age_s)
+        if not levels:
             return []
         blocked, trial_tasks = breakers_blocking(self.conn, at)
-        for priority in sorted(p for p in priorities if p >= lowest):
+        for sources in levels:
+            heads = {}
             while len(claimed) < limit:
-                row = self._next_due(priority, at, served, blocked)
+                row = self._next_of_level(sources, heads, at, served, blocked)
                 if row is None:
                     break
                 task = tasks.get(row["task"]) if isinstance(tasks, dict) else None
@@ -1137,8 +1139,59 @@ class _Leases(_Store):
                 if row["task"] in trial_tasks:
                     begin_trial(self.conn, row["task"], row["id"], at)
                     blocked.add(row["task"])           # exactly one trial job
+                    heads.clear()                      # one of them may be of that task
                 claimed.append(job)
         return claimed
+
+    # The best priority with anything queued, read off the claim index: the probes skip
+    # the (often empty) levels above it. With aging, in the same statement, the oldest due
+    # time of each priority that can age: a lower priority is looked at early only when
+    # its oldest job has waited long enough.
+    _LOWEST_SQL = ("SELECT (SELECT min(priority) FROM jobs INDEXED BY jobs_claim"
+                   " WHERE state = 'queued')")
+    _LOWEST_AND_OLDEST_SQL = _LOWEST_SQL + "".join(
+        ", (SELECT min(due_at) FROM jobs INDEXED BY jobs_claim"
+        f" WHERE state = 'queued' AND priority = {priority})" for priority in (NORMAL, LOW))
+
+    def _claim_levels(self, priorities, at, age_s):
+        """The order a claim looks in: for each priority a job may be claimed at, best
+        first, its sources as (own priority, due by): the jobs of that priority due by now,
+        and, with aging, those of a lower one that have waited long enough to be claimed at
+        this one. [] when nothing is queued."""
+        if age_s is not None and not age_s >= 0:
+            raise BadInput(f"age_s: {age_s!r} must be >= 0")
+        best = {}        # {own priority: the best any job of it is claimed at now}, if aged
+        if not age_s:
+            (lowest,) = self.conn.execute(self._LOWEST_SQL).fetchall()[0]
+        else:
+            lowest, *oldest = self.conn.execute(self._LOWEST_AND_OLDEST_SQL).fetchall()[0]
+            for priority, due_at in zip((NORMAL, LOW), oldest):
+                aged = priority if due_at is None else aged_priority(priority, at - due_at, age_s)
+                if aged < priority:
+                    best[priority] = aged
+        if lowest is None:
+            return []
+        own = sorted(p for p in priorities if p >= lowest)
+        if not best.keys() & own:                  # nothing aged: one source per priority
+            return [[(p, at)] for p in own]
+        levels = [[(p, at - (p - level) * age_s if p > level else at)
+                   for p in own if p == level or best.get(p, p) <= level < p]
+                  for level in PRIORITY_NAMES]
+        return [sources for sources in levels if sources]
+
+    def _next_of_level(self, sources, heads, at, served, blocked):
+        """The next job of one claim priority: the earliest (due time, then id) of its
+        sources' next jobs, each the oldest of its source, so a merge with no scan.
+        `heads` keeps the others' for the next call in the same claim."""
+        if len(sources) == 1:                      # no aging here: nothing to merge
+            priority, due_by = sources[0]
+            return self._next_due(priority, at, served, blocked, due_by)
+        for priority, due_by in sources:
+            if priority not in heads:
+                heads[priority] = self._next_due(priority, at, served, blocked, due_by)
+        ready = [(row["due_at"], row["id"], priority)
+                 for priority, row in heads.items() if row is not None]
+        return heads.pop(min(ready)[2]) if ready else None
 
     # Options a job may set for itself, and their bits in jobs.overrides. Those it did not
     # set resolve in the UPDATE that claims it (claims are hot: one statement, no reads):
@@ -1161,18 +1214,20 @@ class _Leases(_Store):
 
     CLAIM_WINDOW = 64
 
-    def _next_due(self, priority, at, served, blocked):
-        """The next claimable job at one priority: {id, task}, or None.
+    def _next_due(self, priority, at, served, blocked, due_by=None):
+        """The next claimable job at one priority, due by `due_by` (default: `at`) and not
+        expired at `at`: {id, task, due_at}, or None.
 
         Jobs are looked at in claim order (due time, then id) among the first CLAIM_WINDOW
         due at this priority, which is where the next job almost always is. Only when all
         of those belong to tasks this claimer may not run (served by another supervisor,
         or behind an open breaker) does it seek the earliest job of each task it may run,
         so a backlog of someone else's jobs never makes every claim scan it."""
-        window = ("SELECT id, task, expires_at FROM jobs INDEXED BY jobs_claim"
-                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :at"
+        window = ("SELECT id, task, due_at, expires_at FROM jobs INDEXED BY jobs_claim"
+                  " WHERE state = 'queued' AND priority = :priority AND due_at <= :due_by"
                   " ORDER BY due_at, id LIMIT :window")
-        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW}
+        params = {"priority": priority, "at": at, "window": self.CLAIM_WINDOW,
+                  "due_by": at if due_by is None else due_by}
         claimable = " (expires_at IS NULL OR expires_at > :at)"
         # The task lists as literal parameter lists: a few times cheaper than json_each,
         # and each supervisor keeps using the same few statements (cached once prepared).
@@ -1182,7 +1237,7 @@ class _Leases(_Store):
                 claimable += f" AND task {op} ({marks})"
                 params.update((f"{name}{i}", value) for i, value in enumerate(values))
         rows = _rows(self.conn.execute(
-            f"SELECT id, task FROM ({window}) WHERE{claimable} LIMIT 1", params))
+            f"SELECT id, task, due_at FROM ({window}) WHERE{claimable} LIMIT 1", params))
         if rows:
             return rows[0]
         crowded = self.conn.execute(f"SELECT count(*) FROM ({window})",
@@ -1191,8 +1246,8 @@ class _Leases(_Store):
             return None
         if served is None:                    # no list of tasks to seek: scan in claim order
             rows = _rows(self.conn.execute(
-                "SELECT id, task FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
-                f" AND priority = :priority AND due_at <= :at AND{claimable}"
+                "SELECT id, task, due_at FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'"
+                f" AND priority = :priority AND due_at <= :due_by AND{claimable}"
                 " ORDER BY due_at, id LIMIT 1", params))
             return rows[0] if rows else None
         best = None
@@ -1202,12 +1257,12 @@ class _Leases(_Store):
             rows = _rows(self.conn.execute(
                 "SELECT id, task, due_at FROM jobs INDEXED BY jobs_task_queue"
                 " WHERE state = 'queued' AND task = :task AND priority = :priority"
-                " AND due_at <= :at AND (expires_at IS NULL OR expires_at > :at)"
+                " AND due_at <= :due_by AND (expires_at IS NULL OR expires_at > :at)"
                 " ORDER BY due_at, id LIMIT 1", {**params, "task": task}))
             if rows and (best is None or (rows[0]["due_at"], rows[0]["id"])
                          < (best["due_at"], best["id"])):
                 best = rows[0]
-        return None if best is None else {"id": best["id"], "task": best["task"]}
+        return best
 
     def has_due(self, *, tasks=None, at=None):
         """Is any job of these tasks claimable now (ignoring memory pressure)?"""
@@ -1354,8 +1409,8 @@ class _Leases(_Store):
         """Record in one transaction what a supervisor's children reported (progress,
         checkpoints) and how their runs ended, the supervisor's decisions (events), its
         memory samples ((at, pressure, level, tree_bytes) each; samples older than
-        PRESSURE_HISTORY_S go), and claim its next jobs (claims: (tasks, priorities, limit)
-        each): a group commit.
+        PRESSURE_HISTORY_S go), and claim its next jobs (claims: (tasks, priorities, limit,
+        age_s) each, as claim() takes them): a group commit.
 
         Returns ({job_id: state after, or None if its lease was lost}, [[claimed Job] for
         each claim]). Synced
@@ -1374,7 +1429,8 @@ class _Leases(_Store):
                 self._event(event_at, job_id, task, kind, from_state, to_state, reason, pressure)
             if samples:
                 self._record_samples(owner, samples)
-            claimed = [self._claim_in_tx(owner, *claim, at) for claim in claims]
+            claimed = [self._claim_in_tx(owner, tasks, priorities, limit, at, age_s=age_s)
+                       for tasks, priorities, limit, age_s in claims]
         return states, claimed
 
     def _record_samples(self, owner, samples):
@@ -3625,12 +3681,12 @@ class SupervisorOptions:
 
     __slots__ = ("slots", "jobs_per_child", "memory_limit_bytes", "memory_budget_bytes",
                  "poll_s", "thresholds", "margin", "hold_s", "grace_s", "keep_s", "burst",
-                 "notice_s", "start_deadline_s", "output_limit_bytes", "isolation")
+                 "notice_s", "start_deadline_s", "output_limit_bytes", "isolation", "age_s")
 
     def __init__(self, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
                  jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S,
-                 output_limit=DEFAULT_OUTPUT_LIMIT, isolation="auto"):
+                 output_limit=DEFAULT_OUTPUT_LIMIT, isolation="auto", age=DEFAULT_AGE_S):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
         self.memory_limit_bytes = parse_memory_size(memory_limit, "--memory-limit")
@@ -3649,6 +3705,7 @@ class SupervisorOptions:
             raise BadInput(f"--isolation must be one of {', '.join(ISOLATION_MODES)}, "
                            f"not {isolation!r}")
         self.isolation = isolation
+        self.age_s = parse_duration(age, "--age")          # 0: no aging
 
     def level_tracker(self):
         return LevelTracker(self.thresholds, self.margin, self.hold_s)
@@ -3672,6 +3729,16 @@ def claimable_priorities(level, stopping):
     """The priorities a supervisor may start now: those its memory level lets start, none
     once it is stopping."""
     return () if stopping else START_PRIORITIES[level]
+
+
+def aged_priority(priority, waited_s, age_s):
+    """The priority a job is claimed at after waiting `waited_s` past its due time: one
+    better for each whole `age_s` waited, never better than high (critical stays reserved
+    for work declared critical). `age_s` None or 0: no aging. Only the claim order uses it:
+    memory levels shed and preempt by the job's own priority."""
+    if not age_s or priority <= HIGH or waited_s < age_s:
+        return priority
+    return max(HIGH, priority - int(waited_s // age_s))
 
 
 class RunFacts:
@@ -4711,7 +4778,7 @@ class Supervisor:
         if not (records or self._events or self._samples or wanted):
             return []
         claims = [(self.tasks, claimable_priorities(self.tracker.level, self._stopping),
-                   wanted)] if wanted else []
+                   wanted, self.options.age_s)] if wanted else []
         states, claimed = self.queue.record_runs(
             self.id, [RunRecord(run.job.id, run.job.attempts, run.progress, run.checkpoint,
                                 run.ending, self.pressure) for run in records],
@@ -5382,6 +5449,11 @@ def _build_cli():
     @click.option("--output-limit", default=DEFAULT_OUTPUT_LIMIT, show_default=True,
                   help="one job's output (400M, 1G, 512MiB or bytes); a job writing past "
                        "it is stopped")
+    @click.option("--age", default="10m", show_default=True, metavar="DURATION",
+                  help="a job waiting this long past its due time is started as one priority "
+                       "higher, one more per further DURATION, up to high, so higher work "
+                       "cannot starve it; memory levels still shed and preempt by its own "
+                       "priority; 0: off")
     @click.option("--durability", type=click.Choice(["full", "normal"]), default="full",
                   show_default=True, help="synchronous=FULL or NORMAL")
     @click.option("--breaker-failures", type=int, default=BREAKER_FAILURES, show_default=True,
@@ -5394,8 +5466,8 @@ def _build_cli():
     @click.option("--log-level", default="info", show_default=True, help="stderr log detail",
                   type=click.Choice(["debug", "info", "warning", "error"]))
     def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
-              grace, keep, jobs_per_child, burst, output_limit, durability, breaker_failures,
-              breaker_window, breaker_cooldown, log_level, isolation):
+              grace, keep, jobs_per_child, burst, output_limit, age, durability,
+              breaker_failures, breaker_window, breaker_cooldown, log_level, isolation):
         """Run the supervisor: the tasks of --app, else the built-in heartbeat and demo
         tasks (echo, sleep, hog, chunked, fail)."""
         try:
@@ -5410,7 +5482,7 @@ def _build_cli():
                                     memory_budget=memory_budget, poll=poll, thresholds=levels,
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst,
-                                    output_limit=output_limit, isolation=isolation)
+                                    output_limit=output_limit, isolation=isolation, age=age)
         tasks, app_files = load_app_with_files(app) if app is not None else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:

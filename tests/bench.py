@@ -14,7 +14,8 @@ functions). Run it from anywhere:
 Sections:
   enqueue     single enqueues (FULL and NORMAL) and enqueue_many beside raw apsw doing the
               same minimal SQL on a file with the same schema and pragmas; claim+complete on
-              100k and 1M queued jobs beside raw apsw; the README's cron line (`python -m
+              100k and 1M queued jobs beside raw apsw; the same claims with priority aging
+              (serve's default --age) beside none; the README's cron line (`python -m
               litequeue enqueue heartbeat` from the app's directory) and `litequeue.py enqueue
               heartbeat`, wall time beside `python -c pass` and `python -c "import apsw, click"`.
   supervisor  2,000 no-op jobs through `serve --burst --slots 2` beside bare fork+join two at a
@@ -430,6 +431,25 @@ def prefill(path, n):
     conn.close()
 
 
+def prefill_mixed(path, n):
+    """A litequeue file holding n due 'echo' jobs, a third each high, normal and low, their
+    due times spread over the last hour, so that with aging on (serve's default 10m) most
+    normal and low jobs are claimed as high, merged with the high ones by due time."""
+    litequeue.Queue(path).close()
+    conn = apsw.Connection(path)
+    conn.execute("PRAGMA synchronous = OFF")
+    at = time.time()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(
+        "INSERT INTO jobs (task, payload, priority, state, max_attempts, shed, created_at,"
+        " due_at) VALUES ('echo', ?, ?, 'queued', 3, 0, ?, ?)",
+        (('{"i": %d}' % i, 1 + i % 3, at, at - 3600 + 3600 * i / n) for i in range(n)))
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.execute("ANALYZE")
+    conn.close()
+
+
 def lq_consume(queue, n):
     """n jobs the way a consumer goes on: claim one, then complete_and_claim (one commit per
     job, what a pooled child does); returns jobs/s."""
@@ -442,14 +462,14 @@ def lq_consume(queue, n):
     return n / (time.perf_counter() - t0)
 
 
-def lq_claim_complete(queue, n):
+def lq_claim_complete(queue, n, age_s=None):
     """n claim+complete pairs through the public API; returns (pairs/s, claims/s)."""
     owner = "bench"
     claim_s = 0.0
     t0 = time.perf_counter()
     for _ in range(n):
         c0 = time.perf_counter()
-        job = queue.claim(owner)[0]
+        job = queue.claim(owner, age_s=age_s)[0]
         claim_s += time.perf_counter() - c0
         queue.complete(job.id, owner, job.attempts)
     return n / (time.perf_counter() - t0), n / claim_s
@@ -588,6 +608,38 @@ def section_enqueue(bench):
         t.row(f"claims/s, {big // 1000:,}k vs {small // 1000:,}k queued, {label}",
               f"{rate(ours_big)} vs {rate(ours_small)}", f"raw {pct(raw_ratio)}", pct(ratio),
               ">= 80% (within 20%)", ratio >= 0.8)
+
+    # -- priority aging: the same claims with serve's default --age beside none ------------
+    # On the big file (all normal, the older part of it due over 10 minutes ago: claimed as
+    # high, one source) and on a file of high, normal and low jobs due over the last hour
+    # (claimed as high by a merge of three sources), alternating sides each round.
+    paths["mixed"] = bench.path(f"claim-mixed-{small}.db")
+    say(f"prefill {small:,} high/normal/low jobs")
+    prefill_mixed(paths["mixed"], small)
+    age_s = litequeue.DEFAULT_AGE_S
+    for key, what, target in (
+            (big, f"{big:,} normal due over {big * 1e-3:.0f} s before the prefill", 0.9),
+            ("mixed", f"{small:,} high/normal/low due over the last hour", None)):
+        say(f"claim+complete with aging on and off, {what}")
+        queue = litequeue.Queue(paths[key], durable=False)
+        lq_claim_complete(queue, 100, age_s), lq_claim_complete(queue, 100, 0)   # warm up
+        count = n["claim_normal"]
+        results = {True: [], False: []}
+        for r in range(n["claim_rounds"]):
+            for aging in ((True, False) if r % 2 == 0 else (False, True)):
+                results[aging].append(lq_claim_complete(queue, count, age_s if aging else 0))
+        queue.close()
+        on, off = results[True], results[False]
+        ratio = statistics.median(a[0] / b[0] for a, b in zip(on, off))
+        t.row(f"claim+complete, aging on (age_s={age_s:g}) vs off, {what}, NORMAL (pairs/s)",
+              rate(statistics.median(a[0] for a in on)),
+              f"off {rate(statistics.median(b[0] for b in off))}", pct(ratio),
+              "(no target)" if target is None else f">= {target:.0%} of off",
+              None if target is None else ratio >= target)
+    t.note("aging: Queue.claim(owner, age_s=600) (what `serve` passes by default) beside "
+           "age_s=0 on the same file, rounds alternating which goes first; on the mixed "
+           "file each claim with aging reads the next job of three priorities (one index "
+           "seek each) and takes the earliest, where without it reads one")
     for path in paths.values():
         remove_db(path)
     t.note("claims/s: the claim transaction alone (Queue.claim; raw: SELECT + UPDATE + COMMIT) "

@@ -9,12 +9,12 @@ import time
 import pytest
 
 import litequeue
-from litequeue import (CANCELLED, DONE, ENDING_FAILED, ENDING_REQUEUED, EXIT_CHILD_STOPPED,
-                       FAILED_ERROR, FAILED_PERMANENT, STOP_CANCEL, STOP_EMERGENCY,
-                       STOP_MEMORY, STOP_OUTPUT, STOP_PREEMPT, STOP_SHUTDOWN, STOP_START,
-                       STOP_TIMEOUT,
-                       Ending, RunFacts, ahead_wanted, claimable_priorities, limits_verdict,
-                       run_ending, shutdown_stops)
+from litequeue import (CANCELLED, CRITICAL, DONE, ENDING_FAILED, ENDING_REQUEUED,
+                       EXIT_CHILD_STOPPED, FAILED_ERROR, FAILED_PERMANENT, HIGH, LOW, NORMAL,
+                       STOP_CANCEL, STOP_EMERGENCY, STOP_MEMORY, STOP_OUTPUT, STOP_PREEMPT,
+                       STOP_SHUTDOWN, STOP_START, STOP_TIMEOUT,
+                       Ending, RunFacts, aged_priority, ahead_wanted, claimable_priorities,
+                       limits_verdict, run_ending, shutdown_stops)
 from conftest import wait_for
 
 MiB = 1 << 20
@@ -194,6 +194,37 @@ def test_shutdown_stops(stop_now, runs, expected):
 ])
 def test_claimable_priorities(level, stopping, expected):
     assert claimable_priorities(level, stopping) == expected
+
+
+AGE = 600.0
+
+
+@pytest.mark.parametrize("priority, waited_s, age_s, expected", [
+    # not waited long enough: its own priority, up to the boundary (exclusive)
+    (LOW, 0.0, AGE, LOW),
+    (LOW, AGE - 0.001, AGE, LOW),
+    (NORMAL, AGE - 0.001, AGE, NORMAL),
+    (LOW, -50.0, AGE, LOW),                        # not even due yet
+    # one step per whole age_s waited, from the boundary on
+    (LOW, AGE, AGE, NORMAL),
+    (LOW, 2 * AGE - 0.001, AGE, NORMAL),
+    (LOW, 2 * AGE, AGE, HIGH),
+    (NORMAL, AGE, AGE, HIGH),
+    # capped at high, however long it waited: critical is never earned by waiting
+    (LOW, 3 * AGE, AGE, HIGH),
+    (LOW, 1e9, AGE, HIGH),
+    (NORMAL, 1e9, AGE, HIGH),
+    (HIGH, 1e9, AGE, HIGH),
+    (CRITICAL, 1e9, AGE, CRITICAL),
+    # aging off: 0 (serve --age 0) or None (Queue.claim's default)
+    (LOW, 1e9, 0.0, LOW),
+    (NORMAL, 1e9, None, NORMAL),
+    # a short age, as tests and busy queues use
+    (LOW, 1.5, 1.0, NORMAL),
+    (LOW, 2.0, 1.0, HIGH),
+])
+def test_aged_priority(priority, waited_s, age_s, expected):
+    assert aged_priority(priority, waited_s, age_s) == expected
 
 
 @pytest.mark.parametrize("last_run_s, handed_ahead, capacity_left, expected", [
