@@ -2593,10 +2593,12 @@ PSI_WINDOWS_US = (1_000_000, 2_000_000)
 SYSTEM_MEMORY_PRESSURE = "/proc/pressure/memory"
 
 
-def memory_pressure_file(cgroup):
-    """Where the kernel reports the memory stalls that matter to us: the memory.pressure of
-    the cgroup v2 group whose limit binds us (CgroupMemory found it), else the machine's."""
-    return getattr(cgroup, "pressure_path", None) or SYSTEM_MEMORY_PRESSURE
+def memory_pressure_files(cgroup, machine=SYSTEM_MEMORY_PRESSURE):
+    """Where the kernel reports the memory stalls that matter to us, best first: the
+    memory.pressure of the cgroup v2 group whose limit binds us (CgroupMemory found it),
+    then the machine's (its stalls include the group's, and others')."""
+    group = getattr(cgroup, "pressure_path", None)
+    return (group, machine) if group else (machine,)
 
 
 class _PressureTrigger:
@@ -2634,18 +2636,21 @@ class _PressureTrigger:
             self.fd = None
 
 
-def open_pressure_trigger(cgroup, enabled=True):
+def open_pressure_trigger(cgroup, enabled=True, machine=SYSTEM_MEMORY_PRESSURE):
     """(a _PressureTrigger or None, one line saying which file, or why the supervisor falls
     back to its poll alone)."""
     if not enabled:
         return None, "PSI wake-ups off (--no-psi): memory is read at each poll only"
-    path = memory_pressure_file(cgroup)
-    try:
-        trigger = _PressureTrigger.open(path)
-    except OSError as exc:
-        return None, (f"PSI wake-ups unavailable ({path}: {exc.strerror or exc}): memory is "
-                      f"read at each poll only")
-    return trigger, f"PSI wake-ups on: memory is read again when {trigger.describe()} fires"
+    refusals = []
+    for path in memory_pressure_files(cgroup, machine):
+        try:
+            trigger = _PressureTrigger.open(path)
+        except OSError as exc:
+            refusals.append(f"{path}: {exc.strerror or exc}")
+            continue
+        return trigger, f"PSI wake-ups on: memory is read again when {trigger.describe()} fires"
+    return None, (f"PSI wake-ups unavailable ({'; '.join(refusals)}): memory is read at each "
+                  f"poll only")
 
 
 def process_tree(pid):

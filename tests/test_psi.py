@@ -18,7 +18,7 @@ import pytest
 
 import litequeue
 from litequeue import MemoryReading
-from conftest import wait_for
+from conftest import run_cli, wait_for
 
 MiB = 1 << 20
 PROC_PRESSURE = "/proc/pressure/memory"
@@ -79,28 +79,43 @@ def test_pressure_file_is_the_limiting_v2_groups_else_the_machines(tmp_path):
                            "app/memory.current": "0\n", "app/memory.stat": "inactive_file 0\n",
                            "self": "0::/app\n"})
     v2 = litequeue.CgroupMemory(root=str(tmp_path), proc_self=str(tmp_path / "self"))
-    assert litequeue.memory_pressure_file(v2) == str(tmp_path / "app" / "memory.pressure")
+    assert litequeue.memory_pressure_files(v2) == (str(tmp_path / "app" / "memory.pressure"),
+                                                   PROC_PRESSURE)
 
     write_files(tmp_path, {"memory/job/memory.limit_in_bytes": f"{MiB}\n",
                            "self1": "4:memory:/job\n"})
     v1 = litequeue.CgroupMemory(root=str(tmp_path), proc_self=str(tmp_path / "self1"))
     assert v1.limit_bytes == MiB            # a v1 limit: no memory.pressure to use
-    assert litequeue.memory_pressure_file(v1) == PROC_PRESSURE
+    assert litequeue.memory_pressure_files(v1) == (PROC_PRESSURE,)
     unlimited = litequeue.CgroupMemory(root=str(tmp_path), proc_self=str(tmp_path / "none"))
-    assert litequeue.memory_pressure_file(unlimited) == PROC_PRESSURE
-    assert litequeue.memory_pressure_file(None) == PROC_PRESSURE
+    assert litequeue.memory_pressure_files(unlimited) == (PROC_PRESSURE,)
+    assert litequeue.memory_pressure_files(None) == (PROC_PRESSURE,)
 
 
-class MissingPressure:
-    pressure_path = "/nonexistent/memory.pressure"
+class GroupPressure:
+    def __init__(self, path):
+        self.pressure_path = path
 
 
-def test_no_psi_falls_back_to_polling_and_says_why():
-    trigger, said = litequeue.open_pressure_trigger(MissingPressure())
+def test_no_psi_falls_back_to_polling_and_says_why(tmp_path):
+    trigger, said = litequeue.open_pressure_trigger(
+        GroupPressure("/nonexistent/memory.pressure"), machine=str(tmp_path / "no-psi"))
     assert trigger is None
-    assert said.startswith("PSI wake-ups unavailable (/nonexistent/memory.pressure: No such")
+    assert said == (f"PSI wake-ups unavailable (/nonexistent/memory.pressure: No such file or "
+                    f"directory; {tmp_path / 'no-psi'}: No such file or directory): memory is "
+                    f"read at each poll only")
     trigger, said = litequeue.open_pressure_trigger(None, enabled=False)
     assert trigger is None and "--no-psi" in said
+
+
+@needs_psi
+def test_a_group_file_that_refuses_falls_back_to_the_machines():
+    trigger, said = litequeue.open_pressure_trigger(GroupPressure("/nonexistent/memory.pressure"))
+    try:
+        assert trigger.path == PROC_PRESSURE
+        assert said.startswith(f"PSI wake-ups on: memory is read again when {PROC_PRESSURE} ")
+    finally:
+        trigger.close()
 
 
 @needs_psi
@@ -111,6 +126,18 @@ def test_psi_on_says_which_file():
                                f"(some 20 ms in ")
     finally:
         trigger.close()
+
+
+@pytest.mark.parametrize("flag, said", [
+    ("--psi", f"PSI wake-ups on: memory is read again when {PROC_PRESSURE} (some 20 ms in "),
+    ("--no-psi", "PSI wake-ups off (--no-psi): memory is read at each poll only"),
+])
+@needs_psi
+def test_serve_says_at_start_whether_psi_wake_ups_are_on(tmp_path, flag, said):
+    result = run_cli("serve", "--burst", flag, db=tmp_path / "q.db")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "PSI wake-ups" in line]
+    assert len(lines) == 1 and said in lines[0]
 
 
 # ======================================================================================
