@@ -2602,6 +2602,7 @@ class CgroupMemory:
     def __init__(self, root="/sys/fs/cgroup", proc_self="/proc/self/cgroup"):
         self.usage_path = self.stat_path = self.inactive_key = None
         self.limit_bytes = None
+        self.pressure_path = None    # the limiting v2 group's memory.pressure (PSI), if v2
         try:
             with open(proc_self) as f:
                 lines = f.read().splitlines()
@@ -2631,6 +2632,8 @@ class CgroupMemory:
                 self.usage_path = os.path.join(directory, usage_file)
                 self.stat_path = os.path.join(directory, "memory.stat")
                 self.inactive_key = inactive_key
+                self.pressure_path = (os.path.join(directory, "memory.pressure")
+                                      if limit_file == "memory.max" else None)
             if os.path.normpath(directory) == os.path.normpath(mount):
                 return
             directory = os.path.dirname(directory)
@@ -2643,6 +2646,79 @@ class CgroupMemory:
         except (OSError, ValueError, TypeError):
             return None
         return 100.0 * max(0, used) / self.limit_bytes
+
+
+# PSI triggers (the kernel's Documentation/accounting/psi.rst). A trigger only moves the next
+# memory poll earlier, and the kernel signals it at most once per window, so a fire that
+# calls for nothing costs one memory read (~40 us here) a window: the threshold can be low.
+# 20 ms of "some" stall in a window: this machine idle stalled 0.5 ms in all since boot, and
+# a job thrashing its page cache in a 64 MiB cgroup stalled ~20 ms every second.
+PSI_STALL_US = 20_000
+# 1 s where we may (CAP_SYS_RESOURCE: the kernel then checks the window every 100 ms); the
+# kernel refuses other windows than multiples of 2 s without it (EINVAL, kernel >= 6.5),
+# and checks those only every 2 s.
+PSI_WINDOWS_US = (1_000_000, 2_000_000)
+SYSTEM_MEMORY_PRESSURE = "/proc/pressure/memory"
+
+
+def memory_pressure_files(cgroup, machine=SYSTEM_MEMORY_PRESSURE):
+    """Where the kernel reports the memory stalls that matter to us, best first: the
+    memory.pressure of the cgroup v2 group whose limit binds us (CgroupMemory found it),
+    then the machine's (its stalls include the group's, and others')."""
+    group = getattr(cgroup, "pressure_path", None)
+    return (group, machine) if group else (machine,)
+
+
+class _PressureTrigger:
+    """A PSI trigger on a memory pressure file: its fd polls POLLPRI (not readable) once
+    tasks stalled on memory for PSI_STALL_US within the window, and POLLERR if its cgroup
+    is removed. open() raises OSError where the kernel has no PSI or refuses the trigger."""
+
+    def __init__(self, fd, path, stall_us, window_us):
+        self.fd, self.path, self.stall_us, self.window_us = fd, path, stall_us, window_us
+
+    @classmethod
+    def open(cls, path, windows_us=PSI_WINDOWS_US, stall_us=PSI_STALL_US):
+        refused = None
+        for window_us in windows_us:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                # The kernel puts a NUL over the write's last byte: without one of our
+                # own it would cut the window's last digit (and answer EINVAL).
+                os.write(fd, f"some {stall_us} {window_us}\0".encode())
+                return cls(fd, path, stall_us, window_us)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno != errno.EINVAL:
+                    raise
+                refused = exc               # a window this kernel (or we) may not use
+        raise refused
+
+    def describe(self):
+        """Its file and trigger, e.g. "/proc/pressure/memory (some 20 ms in 2 s)"."""
+        return f"{self.path} (some {self.stall_us / 1000:g} ms in {self.window_us / 1e6:g} s)"
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def open_pressure_trigger(cgroup, enabled=True, machine=SYSTEM_MEMORY_PRESSURE):
+    """(a _PressureTrigger or None, one line saying which file, or why the supervisor falls
+    back to its poll alone)."""
+    if not enabled:
+        return None, "PSI wake-ups off (--no-psi): memory is read at each poll only"
+    refusals = []
+    for path in memory_pressure_files(cgroup, machine):
+        try:
+            trigger = _PressureTrigger.open(path)
+        except OSError as exc:
+            refusals.append(f"{path}: {exc.strerror or exc}")
+            continue
+        return trigger, f"PSI wake-ups on: memory is read again when {trigger.describe()} fires"
+    return None, (f"PSI wake-ups unavailable ({'; '.join(refusals)}): memory is read at each "
+                  f"poll only")
 
 
 def process_tree(pid):
@@ -3681,12 +3757,14 @@ class SupervisorOptions:
 
     __slots__ = ("slots", "jobs_per_child", "memory_limit_bytes", "memory_budget_bytes",
                  "poll_s", "thresholds", "margin", "hold_s", "grace_s", "keep_s", "burst",
-                 "notice_s", "start_deadline_s", "output_limit_bytes", "isolation", "age_s")
+                 "notice_s", "start_deadline_s", "output_limit_bytes", "isolation", "age_s",
+                 "psi")
 
     def __init__(self, slots=2, memory_limit="400M", memory_budget=None, poll=0.25,
                  thresholds=(70, 85, 95), margin=5, hold=10, grace=10, keep=None,
                  jobs_per_child=1, burst=False, notice=0.01, start_deadline=CHILD_START_DEADLINE_S,
-                 output_limit=DEFAULT_OUTPUT_LIMIT, isolation="auto", age=DEFAULT_AGE_S):
+                 output_limit=DEFAULT_OUTPUT_LIMIT, isolation="auto", age=DEFAULT_AGE_S,
+                 psi=True):
         self.slots = parse_positive_int(slots, "--slots")
         self.jobs_per_child = parse_positive_int(jobs_per_child, "--jobs-per-child")
         self.memory_limit_bytes = parse_memory_size(memory_limit, "--memory-limit")
@@ -3706,6 +3784,7 @@ class SupervisorOptions:
                            f"not {isolation!r}")
         self.isolation = isolation
         self.age_s = parse_duration(age, "--age")          # 0: no aging
+        self.psi = bool(psi)
 
     def level_tracker(self):
         return LevelTracker(self.thresholds, self.margin, self.hold_s)
@@ -4342,7 +4421,7 @@ class Supervisor:
     run() loops it until SIGTERM/SIGINT (or, with burst=True, until nothing runs or is due)."""
 
     def __init__(self, queue, options=None, *, tasks=None, probe=None, notifier=None,
-                 isolation=None, **option_values):
+                 isolation=None, pressure_trigger=None, **option_values):
         if options is not None and option_values:
             raise BadInput("give a Supervisor its options or option values, not both")
         self.queue = queue
@@ -4375,6 +4454,7 @@ class Supervisor:
         self.dispatch = _Dispatch(self.pool, self.options, self._runs)
         self.notifier = notifier if notifier is not None else \
             _SystemdNotifier.from_environ(os.environ)
+        self._pressure_trigger = pressure_trigger    # None: run() opens one (PSI)
 
     # the options most read, by their names
     slots = property(lambda self: self.options.slots)
@@ -4405,7 +4485,12 @@ class Supervisor:
                  ", ".join(sorted(self.tasks)), self.queue.path, self.slots,
                  format_bytes(self.options.memory_limit_bytes))
         log.info("memory isolation: %s (%s)", self.isolation.mode, self.isolation.why)
-        sleeper = _Sleeper(self.queue.path, libc, self.options.notice_s)
+        trigger = self._pressure_trigger
+        if trigger is None:
+            trigger, said = open_pressure_trigger(getattr(self.probe, "cgroup", None),
+                                                  self.options.psi)
+            log.info("%s", said)
+        sleeper = _Sleeper(self.queue.path, libc, self.options.notice_s, trigger)
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)     # give back the heap left over from compiling this module
         self.notifier.ready()       # registered (our lease is in the file) and serving
@@ -4418,15 +4503,19 @@ class Supervisor:
                 # deadline bounds it too, for a --poll longer than WatchdogSec allows.
                 wake_tick = min(self._step_surviving(), self.notifier.next_tick())
                 if time.monotonic() < self._quiet_until_tick:
-                    sleeper.sleep_quietly(wake_tick)
+                    stalled = sleeper.sleep_quietly(wake_tick)
                 else:
                     # Every slot busy: a new job could not start anyway, so writes need not
                     # wake us (a busy queue would otherwise wake us at every commit).
-                    sleeper.sleep(wake_tick, self.pool,
-                                  watch_writes=self.pool.busy() < self.slots)
+                    stalled = sleeper.sleep(wake_tick, self.pool,
+                                            watch_writes=self.pool.busy() < self.slots)
+                if stalled:
+                    self.memory_stalled()
         finally:
             self.notifier.stopping()    # if a burst end or an error got here first
             sleeper.close()
+            if sleeper.trigger is not None:
+                sleeper.trigger.close()
             self.abandon_children()
             if self.pool.cgroups is not None:
                 self.pool.cgroups.close()
@@ -4464,6 +4553,12 @@ class Supervisor:
         if self._stopping:
             self._stop_now = True
         self._stopping = True
+
+    def memory_stalled(self):
+        """The kernel says tasks stall on memory (a PSI trigger fired): the next step reads
+        memory and decides at once, not at the next poll."""
+        log.debug("memory stall (PSI): reading memory now")
+        self._next_poll_tick = 0.0
 
     def stop(self, now_=False):
         """Ask the loop to stop (as SIGTERM would; now_=True as a second signal would)."""
@@ -4848,12 +4943,12 @@ def _log_ending(run, state):
 
 class _Sleeper:
     """How the supervisor's loop waits: until its next deadline, a child's exit or words, a
-    signal (through a wake-up pipe), or another process's write to the database (inotify on
-    its directory; where that is missing, a look every notice_s)."""
+    signal (through a wake-up pipe), another process's write to the database (inotify on
+    its directory; where that is missing, a look every notice_s), or a memory stall (a PSI
+    trigger, where there is one: sleep() then returns True)."""
 
-    def __init__(self, path, libc, notice_s):
-        from multiprocessing.connection import wait
-        self.wait, self.notice_s = wait, notice_s
+    def __init__(self, path, libc, notice_s, trigger=None):
+        self.notice_s, self.trigger = notice_s, trigger
         self.watch = _DirectoryWatch.open(path, libc)
         self.watch_busy_until_tick = 0.0
         self.wakeup_r, wakeup_w = os.pipe()          # a signal wakes the loop at once
@@ -4861,7 +4956,34 @@ class _Sleeper:
         self.wakeup_w = wakeup_w
         self.previous_wakeup = signal.set_wakeup_fd(wakeup_w)
 
+    def wait(self, fds, timeout_s):
+        """The fds of `fds` readable (or hung up: a child's exit, a closed pipe) within
+        timeout_s, and whether the pressure trigger fired. select.poll of our own:
+        multiprocessing.connection.wait waits for readability only, and a PSI trigger
+        signals POLLPRI."""
+        import select
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        trigger_fd = self.trigger.fd if self.trigger is not None else None
+        if trigger_fd is not None:
+            poller.register(trigger_fd, select.POLLPRI)
+        ready, stalled = set(), False
+        for fd, events in poller.poll(math.ceil(max(0.0, timeout_s) * 1000)):
+            if fd != trigger_fd:
+                ready.add(fd)
+            elif events & (select.POLLERR | select.POLLNVAL):
+                # Its cgroup is gone; it would report POLLERR at every poll from now on.
+                log.warning("PSI trigger on %s failed: memory is read at each poll only",
+                            self.trigger.path)
+                self.trigger.close()
+                self.trigger = None
+            elif events & select.POLLPRI:
+                stalled = True
+        return ready, stalled
+
     def sleep(self, wake_tick, pool, *, watch_writes):
+        """Until wake_tick or something to do; True if that was a memory stall (PSI)."""
         # While children keep reporting, read them at most every CHANNEL_BATCH_S: each
         # wake-up and each commit costs more than a batch of lines. An exit wakes us at once.
         batching = time.monotonic() < pool.read_tick + CHANNEL_BATCH_S
@@ -4872,25 +4994,29 @@ class _Sleeper:
         left = max(0.0, wake_tick - time.monotonic())
         ready = [self.wakeup_r, *pool.waitables(with_pipes=not batching)]
         if not watch_writes:
-            woken = self.wait(ready, left)
+            woken, stalled = self.wait(ready, left)
         elif self.watch is None:
-            woken = self.wait(ready, min(left, self.notice_s))
+            woken, stalled = self.wait(ready, min(left, self.notice_s))
         else:
             # A write wakes us before its commit is visible (SQLite updates the WAL index
             # after writing and syncing the frames), so after each write look again every
             # 2 ms for a moment; idle, we wake only for the memory poll.
             limit = 0.002 if time.monotonic() < self.watch_busy_until_tick else left
-            woken = self.wait(ready + [self.watch.fd], min(left, limit))
+            woken, stalled = self.wait(ready + [self.watch.fd], min(left, limit))
             if self.watch.fd in woken:
                 self.watch.drain()
                 self.watch_busy_until_tick = time.monotonic() + 0.03
         if self.wakeup_r in woken:
             self._drain_wakeup()
+        return stalled
 
     def sleep_quietly(self, wake_tick):
-        """Until wake_tick or a signal only (our own failed writes would wake the watch)."""
-        if self.wait([self.wakeup_r], max(0.0, wake_tick - time.monotonic())):
+        """Until wake_tick, a signal or a memory stall (True) only: our own failed writes
+        would wake the watch."""
+        woken, stalled = self.wait([self.wakeup_r], wake_tick - time.monotonic())
+        if self.wakeup_r in woken:
             self._drain_wakeup()
+        return stalled
 
     def _drain_wakeup(self):
         with contextlib.suppress(BlockingIOError):
@@ -5428,6 +5554,8 @@ def _build_cli():
     @click.option("--memory-budget", help="for the supervisor and all its children, at least "
                                           "1 MiB: 400M, 1G, 512MiB or bytes")
     @click.option("--poll", default="0.25", show_default=True, help="memory poll interval (s)")
+    @click.option("--psi/--no-psi", default=True, show_default=True,
+                  help="also read memory as soon as a kernel PSI trigger reports stalls")
     @click.option("--thresholds", default="70,85,95", show_default=True,
                   help="skip,preempt,emergency (%)")
     @click.option("--margin", default="5", show_default=True, help="hysteresis (points)")
@@ -5465,7 +5593,7 @@ def _build_cli():
                        "job runs (30s, 5m or seconds)")
     @click.option("--log-level", default="info", show_default=True, help="stderr log detail",
                   type=click.Choice(["debug", "info", "warning", "error"]))
-    def serve(db, app, slots, memory_limit, memory_budget, poll, thresholds, margin, hold,
+    def serve(db, app, slots, memory_limit, memory_budget, poll, psi, thresholds, margin, hold,
               grace, keep, jobs_per_child, burst, output_limit, age, durability,
               breaker_failures, breaker_window, breaker_cooldown, log_level, isolation):
         """Run the supervisor: the tasks of --app, else the built-in heartbeat and demo
@@ -5482,7 +5610,8 @@ def _build_cli():
                                     memory_budget=memory_budget, poll=poll, thresholds=levels,
                                     margin=margin_pct, hold=hold, grace=grace, keep=keep,
                                     jobs_per_child=jobs_per_child, burst=burst,
-                                    output_limit=output_limit, isolation=isolation, age=age)
+                                    output_limit=output_limit, isolation=isolation, age=age,
+                                    psi=psi)
         tasks, app_files = load_app_with_files(app) if app is not None else (None, [])
         db, warning = served_file(db, app, app_files)
         if warning:

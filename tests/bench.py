@@ -22,6 +22,9 @@ Sections:
               time; enqueue-to-start latency with an idle supervisor; idle RSS and CPU.
   memory      reaction time from pressure crossing the preempt threshold to the victim being
               signalled and gone, in a real run under --memory-budget; CPU cost of polling.
+  psi         a real memory spike (with real stalls) in a small cgroup v1 memory group to the
+              victim signalled, `serve --poll 2` with PSI wake-ups on and off in turn; the
+              wake-up latency from a fired trigger fd to the memory read.
   retention   100,000 jobs through the queue with a short keep: file sizes stay bounded.
   peers       beside PyPI's litequeue (another project), persist-queue's SQLiteAckQueue, huey's
               SqliteHuey and rq (with redis-server, when one is installed), installed in a
@@ -43,6 +46,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -79,7 +83,7 @@ FULL_RUN = dict(
     claim_sizes=(100_000, 1_000_000), claim_full=40, claim_normal=200, claim_rounds=15,
     cli_runs=20,
     sup_jobs=2000, latency_jobs=100, idle_s=30.0, fork_latency_n=100,
-    reaction_runs=5, poll_calls=2000, idle_poll_s=10.0,
+    reaction_runs=5, poll_calls=2000, idle_poll_s=10.0, psi_runs=4, psi_wakes=200,
     soak_jobs=100_000, soak_purge_every=5000, soak_print_every=10_000,
     peer_rounds=6, peer_count=500, peer_e2e_fork=2000, peer_e2e_pool=10_000, peer_per_child=1000,
     peer_idle_jobs=20, peer_settle_s=3.0, peer_window_s=2.0,
@@ -94,7 +98,7 @@ QUICK_RUN = dict(
     claim_sizes=(10_000, 100_000), claim_full=30, claim_normal=100, claim_rounds=5,
     cli_runs=3,
     sup_jobs=150, latency_jobs=15, idle_s=4.0, fork_latency_n=20,
-    reaction_runs=1, poll_calls=300, idle_poll_s=3.0,
+    reaction_runs=1, poll_calls=300, idle_poll_s=3.0, psi_runs=2, psi_wakes=30,
     soak_jobs=10_000, soak_purge_every=1000, soak_print_every=2000,
     peer_rounds=3, peer_count=100, peer_e2e_fork=150, peer_e2e_pool=300, peer_per_child=1000,
     peer_idle_jobs=6, peer_settle_s=1.0, peer_window_s=0.5,
@@ -103,8 +107,8 @@ QUICK_RUN = dict(
     dash_jobs=20_000, dash_requests=20, dash_idle_s=2.0,
     cgroup_ops=100, isolation_rounds=1,
 )
-SECTIONS = ("enqueue", "supervisor", "memory", "isolation", "retention", "peers", "output",
-            "metrics", "dashboard")
+SECTIONS = ("enqueue", "supervisor", "memory", "isolation", "psi", "retention", "peers",
+            "output", "metrics", "dashboard")
 
 
 # ======================================================================================
@@ -1373,6 +1377,285 @@ def section_isolation(bench):
 
 
 # ======================================================================================
+# 3c. psi: a real memory spike, the victim signalled with and without PSI wake-ups
+# ======================================================================================
+
+PSI_APP = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from litequeue import Queue
+    queue = Queue(os.environ["LITEQUEUE_DB"])
+
+    @queue.task(priority="low")
+    def steady(ctx, chunks=400, chunk_s=0.05):
+        state = ctx.checkpoint or {{"i": 0}}
+        while state["i"] < chunks:
+            time.sleep(chunk_s)
+            state = {{"i": state["i"] + 1}}
+            ctx.save(state)
+
+    @queue.task(priority="high")
+    def spike(ctx, mb, path, mark, seconds=10.0):
+        # Anonymous memory up to ~88% of the group at once, then a file twice the group's
+        # size read in a loop: its page cache is reclaimed and read again all the time,
+        # the stalls a real job near its group's limit causes.
+        block = bytearray(b"\\x01") * (mb << 20)
+        with open(mark, "w") as f:
+            f.write(repr(time.time()))
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # charged to this group when read
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.lseek(fd, 0, os.SEEK_SET)
+            while os.read(fd, 1 << 20):
+                pass
+        return len(block)
+""")
+
+
+def own_memory_cgroup_v1():
+    """This process's cgroup v1 memory directory, if we may make groups in it."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if "memory" in controllers.split(","):
+                    directory = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+                    return directory if os.access(directory, os.W_OK) else None
+    return None
+
+
+@contextlib.contextmanager
+def memory_group(parent, limit_bytes):
+    group = os.path.join(parent, f"lqbench-psi-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit_bytes))
+        yield group
+    finally:
+        for _ in range(50):          # the last of its processes may still be exiting
+            try:
+                os.rmdir(group)
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def group_used_bytes(group):
+    """What the supervisor reads: usage less the inactive page cache (CgroupMemory, v1)."""
+    with open(os.path.join(group, "memory.usage_in_bytes")) as f:
+        usage = int(f.read())
+    with open(os.path.join(group, "memory.stat")) as f:
+        stat = dict(line.split() for line in f)
+    return usage - int(stat["total_inactive_file"])
+
+
+def psi_stall_us():
+    with open("/proc/pressure/memory") as f:
+        return int(f.readline().split("total=")[1])
+
+
+def wait_psi_quiet(quiet_s, timeout_s=30.0):
+    """Until the machine has not stalled on memory for quiet_s (so a trigger fire after
+    the spike is the spike's, not left over from what ran before it)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = psi_stall_us(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        stall = psi_stall_us()
+        if stall != last:
+            last, since = stall, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return True
+    return False
+
+
+def stall_lines_at(log_path):
+    """When the supervisor logged that a PSI trigger fired (its debug line), epoch seconds."""
+    times = []
+    with open(log_path) as f:
+        for line in f:
+            if "memory stall (PSI)" in line:
+                stamp, _, millis = line[:23].partition(",")
+                times.append(time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+                             + int(millis) / 1000)
+    return times
+
+
+def spike_run(bench, group, limit_bytes, poll_s, psi, big):
+    """One real serve in `group`: a low steady job runs, a high job spikes at a random
+    point of the poll interval; seconds from the spike (its memory resident) to the
+    steady job's stop decision."""
+    db = bench.path("psi.db")
+    app = os.path.join(bench.dir, "psi_app.py")
+    with open(app, "w") as f:
+        f.write(PSI_APP.format(root=ROOT))
+    mark = os.path.join(bench.dir, "spiked")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(mark)
+    queue = litequeue.Queue(db)
+    log_path = db + ".log"
+    procs = os.path.join(group, "cgroup.procs")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [PY, SCRIPT, "serve", "--db", db, "--app", app, "--poll", str(poll_s), "--grace", "5",
+         "--memory-limit", "2G", "--psi" if psi else "--no-psi", "--log-level", "debug"],
+        stdout=subprocess.DEVNULL, stderr=log, cwd=bench.dir,
+        env={**os.environ, "LITEQUEUE_DB": db},
+        preexec_fn=lambda: open(procs, "w").write(str(os.getpid())))
+    try:
+        with warnings_off():
+            low = queue.enqueue("steady", {})
+        wait_until(lambda: chunked_running(queue, low), 30, what="the steady job to run")
+        quiet = wait_psi_quiet(2.5)       # longer than the kernel's 2 s trigger period
+        time.sleep(random.uniform(0, poll_s))
+        mb = int((0.88 * limit_bytes - group_used_bytes(group)) / MiB)
+        stall0 = psi_stall_us()
+        with warnings_off():
+            queue.enqueue("spike", {"mb": mb, "path": big, "mark": mark,
+                                    "seconds": poll_s + 5}, priority="high")
+        decision = wait_until(
+            lambda: [e for e in queue.events(job_id=low) if e["kind"] == "decision"], 30,
+            interval=0.01, what="the steady job's stop decision")[0]
+        with open(mark) as f:
+            spiked_at = float(f.read())
+        woken = [at for at in stall_lines_at(log_path) if spiked_at <= at <= decision["at"]]
+        return {"psi": psi, "latency_s": decision["at"] - spiked_at, "by_psi": bool(woken),
+                "decision": decision["to_state"], "pressure": decision["pressure"],
+                "stall_ms": (psi_stall_us() - stall0) / 1000, "spike_mb": mb, "quiet": quiet}
+    finally:
+        stop_process(proc)
+        log.close()
+        queue.close()
+
+
+@contextlib.contextmanager
+def warnings_off():
+    """The bench's own queue does not import the app: its task names are unknown to it."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", litequeue.UnknownTaskWarning)
+        yield
+
+
+def wake_latency(samples):
+    """In one process, serve's loop parts: a trigger fd fires (real POLLPRI: out-of-band
+    data on a socket pair), the sleeper returns, the supervisor's next step reads memory.
+    Seconds from the fire to that read, with a 30 s poll."""
+    import ctypes
+    import socket
+
+    class Probe:
+        def read(self, child_pids=()):
+            self.read_tick = time.monotonic()
+            return litequeue.MemoryReading(10.0, 10.0)
+
+    class Trigger:
+        def __init__(self, fd):
+            self.fd, self.path = fd, "socketpair"
+
+        def close(self):
+            pass
+
+    db = os.path.join(tempfile.mkdtemp(), "wake.db")
+    queue = litequeue.Queue(db)
+    probe = Probe()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sup = litequeue.Supervisor(queue, probe=probe, poll=30)
+    sup.register()
+    sleeper = litequeue._Sleeper(db, ctypes.CDLL(None, use_errno=True), 0.01, Trigger(a.fileno()))
+    latencies = []
+    try:
+        for _ in range(samples):
+            wake_tick = sup.step()
+            fired = []
+            timer = threading.Timer(0.005, lambda: (fired.append(time.monotonic()),
+                                                   b.send(b"x", socket.MSG_OOB)))
+            timer.start()
+            if sleeper.sleep(wake_tick, sup.pool, watch_writes=True):
+                sup.memory_stalled()
+            sup.step()
+            timer.join()
+            a.recv(1, socket.MSG_OOB)          # (a socket's POLLPRI stays until read)
+            latencies.append(probe.read_tick - fired[0])
+    finally:
+        sleeper.close()
+        a.close()
+        b.close()
+        queue.unregister_supervisor(sup.id)
+        queue.close()
+    return latencies
+
+
+def section_psi(bench):
+    n = bench.n
+    polls_s = (2.0, 10.0)
+    t = Table("3b. PSI wake-ups: a real memory spike to the victim signalled, with and without "
+              "PSI")
+    trigger, said = litequeue.open_pressure_trigger(litequeue.CgroupMemory())
+    if trigger is not None:
+        trigger.close()
+    t.note(f"here: {said}")
+    parent = own_memory_cgroup_v1()
+    if trigger is None or parent is None:
+        t.note("spike runs skipped: " + ("no PSI trigger" if trigger is None else
+                                         "no writable cgroup v1 memory group of our own"))
+    else:
+        limit = 384 * MiB
+        big = os.path.join(bench.dir, "big.bin")
+        with open(big, "wb") as f:
+            for _ in range(2 * limit // MiB):
+                f.write(os.urandom(MiB))
+            os.fsync(f.fileno())
+        runs = []
+        for poll_s in polls_s:
+            for i in range(n["psi_runs"]):
+                for psi in ((True, False) if i % 2 == 0 else (False, True)):
+                    say(f"spike run {i + 1}/{n['psi_runs']}, --poll {poll_s:g}, "
+                        f"PSI {'on' if psi else 'off'}")
+                    with memory_group(parent, limit) as group:     # no page cache left over
+                        run = spike_run(bench, group, limit, poll_s, psi, big)
+                    runs.append({**run, "poll_s": poll_s})
+        for poll_s in polls_s:
+            for psi in (True, False):
+                values = [r["latency_s"] for r in runs if r["psi"] is psi
+                          and r["poll_s"] == poll_s]
+                t.row(f"--poll {poll_s:g}: spike -> victim signalled, PSI "
+                      f"{'on ' if psi else 'off'} (p50 / max)",
+                      f"{ms(statistics.median(values))} / {ms(max(values))}",
+                      f"poll {ms(poll_s)}", "", "")
+            on, off = (statistics.median(r["latency_s"] for r in runs
+                                         if r["psi"] is psi and r["poll_s"] == poll_s)
+                       for psi in (True, False))
+            t.row("   p50 with PSI / p50 without", pct(on / off), "", "", "")
+        t.note(f"{len(runs)} real `serve` runs at --poll 2 and 10, PSI on and off in turn, each "
+               f"in a fresh cgroup v1 memory group of {mb(limit)} below this process's (the "
+               f"supervisor reads its limit as the machine's): a low job saving every 50 ms "
+               f"runs; a high job then makes ~88% of the group resident at once and reads a "
+               f"file of {mb(2 * limit)} in a loop (page cache reclaimed and read again: real "
+               f"stalls), at a random point of the poll interval, once the machine has not "
+               f"stalled for 2.5 s. spike = the job's own time once its memory is resident; "
+               f"signalled = "
+               f"the 'decision' event. Per run (poll, PSI, ms, decision, stall ms in the "
+               f"machine's "
+               f"/proc/pressure/memory during the run): " + "; ".join(
+                   f"poll {r['poll_s']:g} {'on' if r['psi'] else 'off'} "
+                   f"{1000 * r['latency_s']:.0f} {r['decision']} {r['stall_ms']:.0f}"
+                   + (" (woken by PSI)" if r["by_psi"] else "")
+                   + ("" if r["quiet"] else " (never quiet before)") for r in runs))
+    lat = wake_latency(n["psi_wakes"])
+    t.row("fired trigger fd -> memory read (p50 / max)",
+          f"{us(statistics.median(lat))} / {us(max(lat))}", "poll 30 s", "", "")
+    t.note(f"fired fd -> read: {len(lat)} fires of a socket pair's out-of-band byte (POLLPRI, as "
+           f"a PSI trigger signals) into the supervisor's own sleeper and step, in this process")
+    t.note("the kernel checks an unprivileged trigger (a 2 s window: without CAP_SYS_RESOURCE "
+           "it refuses 1 s) only every 2 s, so a stall is reported 0-2 s after it starts; "
+           "with CAP_SYS_RESOURCE the 1 s window is checked every 100 ms")
+    return t
+
+
+# ======================================================================================
 # 4. retention soak
 # ======================================================================================
 
@@ -2432,7 +2715,7 @@ def section_dashboard(bench):
 
 
 RUNNERS = {"enqueue": section_enqueue, "supervisor": section_supervisor,
-           "memory": section_memory, "isolation": section_isolation,
+           "memory": section_memory, "isolation": section_isolation, "psi": section_psi,
            "retention": section_retention, "peers": section_peers,
            "output": section_output, "metrics": section_metrics,
            "dashboard": section_dashboard}
