@@ -3448,6 +3448,7 @@ class _ChildSignals:
         if self.ctx is not None:
             self.ctx.ask_stop()
         if self.idle:
+            self.idle = False              # once: a second signal must not interrupt the exit
             raise StopRequested()
 
 
@@ -4909,7 +4910,7 @@ class Supervisor:
             run.detail = run.detail or "supervisor stopped"
             self.pool.signal(run.child, signal.SIGKILL)
         for child in self.pool.children:
-            if not child.runs:
+            if not child.runs and not child.retired:
                 self.pool.retire(child)
         kill_tick = time.monotonic() + 2.0
         while self.pool.children:

@@ -286,6 +286,11 @@ APP = """
         return "survived"
 
     @queue.task
+    def steady(ctx, seconds=1.5):
+        time.sleep(seconds)               # runs beside the hog, in a group of its own
+        return {"pid": os.getpid()}
+
+    @queue.task
     def where(ctx):
         with open("/proc/self/cgroup") as f:
             return {"cgroup": [l for l in f.read().splitlines() if ":memory:" in l][0]}
@@ -318,10 +323,14 @@ def test_the_kernel_caps_a_shared_memory_hog_at_its_limit(tmp_path, db_path, gro
     assert status_json(db_path)["isolation"] == "cgroup"
     baseline = group.usage_bytes()                 # the supervisor's own, serving
     with litequeue.Queue(db_path) as q:
+        beside = q.enqueue("steady")
+        wait_for(lambda: q.get(beside).state == "running")
         hog = q.enqueue("shm_hog", {"mb": 600})
         where = q.enqueue("where")
         good = [q.enqueue("ok", {"n": i}) for i in range(3)]
     ended = settle(db_path, hog)
+    lived = settle(db_path, beside)                      # the job beside it lives on
+    assert (lived.state, lived.attempts) == ("done", 1), lived.error
     assert ended.state == "dead"
     assert ended.error.startswith(
         "memory limit exceeded (kernel): its cgroup reached the 200 MiB limit"), ended.error
@@ -485,5 +494,7 @@ def test_a_spare_child_waits_in_its_group_and_takes_the_next_job(tmp_path, db_pa
         second = q.enqueue("ok")
     assert settle(db_path, second).result["pid"] == next_pid
     assert "job %d ok started (attempt 1/3, pid %d)" % (second, next_pid) in server.text()
+    wait_for(spares)
     assert server.terminate() == 0
+    assert "Traceback" not in server.text()           # the waiting spare let go quietly
     assert group.subgroups() == []
