@@ -321,10 +321,11 @@ def test_the_kernel_caps_a_shared_memory_hog_at_its_limit(tmp_path, db_path, gro
     assert "memory isolation: cgroup (cgroup v1, a group per job below " + group.path \
         in server.text()
     assert status_json(db_path)["isolation"] == "cgroup"
-    baseline = group.usage_bytes()                 # the supervisor's own, serving
     with litequeue.Queue(db_path) as q:
         beside = q.enqueue("steady")
         wait_for(lambda: q.get(beside).state == "running")
+        time.sleep(0.2)                            # its spare successor forked too
+        baseline = group.usage_bytes()             # the supervisor's, the job beside, a spare
         hog = q.enqueue("shm_hog", {"mb": 600})
         where = q.enqueue("where")
         good = [q.enqueue("ok", {"n": i}) for i in range(3)]
