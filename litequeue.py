@@ -2866,7 +2866,7 @@ def choose_isolation(requested, problem):
     --isolation asked for; problem: why job cgroups cannot be made here, or None. BadInput
     when cgroups were asked for and cannot be had."""
     if requested == "rlimit":
-        return "rlimit", "as asked (--isolation rlimit)"
+        return "rlimit", "--isolation rlimit"
     if problem is None:
         return "cgroup", None
     if requested == "cgroup":
@@ -2899,8 +2899,15 @@ class Isolation:
             return cls(mode, why)
         import weakref
         isolation = cls(mode, repr(cgroups), cgroups)
-        weakref.finalize(isolation, cgroups.close)
+        weakref.finalize(isolation, _close_in, os.getpid(), cgroups)
         return isolation
+
+
+def _close_in(pid, cgroups):
+    """Remove the groups, but only in the process that made them: a copy of it forked and
+    exiting normally (an app that forks, a test) must not kill the live jobs."""
+    if os.getpid() == pid:
+        cgroups.close()
 
 
 def _write_file(path, text):
@@ -2978,6 +2985,28 @@ def group_usage_bytes(version, path):
         return 0
 
 
+def group_oom_counts(version, path):
+    """(processes the kernel's OOM killer took in the group, times the group hit its own
+    limit) since it was made; v1: 1 if its peak since it was handed out reached its limit."""
+    try:
+        if version == 2:
+            with open(os.path.join(path, "memory.events")) as f:
+                events = dict(line.split() for line in f if line.strip())
+            return int(events.get("oom_kill", 0)), int(events.get("oom", 0))
+        # v1 has no count of limit hits to trust (failcnt stayed 0 here through an OOM kill
+        # at the limit): whether the peak (reset when the group is handed out) reached it.
+        peak = _read_int(os.path.join(path, "memory.max_usage_in_bytes")) or 0
+        limit = _read_int(os.path.join(path, "memory.limit_in_bytes")) or 0
+        return (_stat_value(os.path.join(path, "memory.oom_control"), "oom_kill"),
+                int(peak >= limit - 16 * mmap_page_bytes()))
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def mmap_page_bytes():
+    return os.sysconf("SC_PAGE_SIZE")
+
+
 def join_group(path):
     """Move the calling process into a group (what it starts from then on is born there)."""
     _write_file(os.path.join(path, "cgroup.procs"), str(os.getpid()))
@@ -2985,9 +3014,20 @@ def join_group(path):
 
 class JobCgroups:
     """The mechanism of a cgroup per job: prepare this supervisor's directory of groups
-    below its own group (removing what dead supervisors left there), make a group with a
-    job's limit for each child, read the kernel's OOM kills in it, kill what is left in it,
-    and remove it. It decides nothing."""
+    below its own group, hand out a group with a job's limit for each child, read the
+    kernel's OOM kills in it, kill what is left in it, and take it back once the child is
+    reaped. It decides nothing.
+
+    Groups are reused, not removed after each child: a removed memory cgroup that still has
+    page cache charged to it (a job's output file, most often) lingers in the kernel as a
+    "dying" cgroup until that cache is reclaimed, holding kernel memory and one of 65535
+    cgroup ids; measured here, 20 groups made and removed left 20 dying ones until their
+    files were deleted. Emptying them first (v1 memory.force_empty) took 1-200 ms each. A
+    group that holds more than REUSE_MAX_BYTES of cache is removed instead, so what a job
+    may hold beyond its limit, once the kernel reclaims that cache, stays within it."""
+
+    REUSE_MAX_BYTES = 4 * MiB          # a group holding more is not reused
+    FREE_MAX = 4                       # idle groups kept for reuse
 
     def __init__(self, version, own_dir, pid=None):
         self.version = version              # 1 or 2
@@ -2996,6 +3036,8 @@ class JobCgroups:
         # Unique to this object: a process may run several supervisors in turn (tests do).
         self.root = os.path.join(own_dir, f"{CGROUP_PREFIX}{pid}-{_start_ticks(pid)}-"
                                           f"{random.randrange(1 << 32):08x}")
+        self.made = 0                       # groups made (names them: child-N)
+        self.free = []                      # idle groups, empty of processes, for reuse
         self.leftover = []                  # groups whose processes were still exiting
 
     def __repr__(self):
@@ -3004,10 +3046,12 @@ class JobCgroups:
     @classmethod
     def detect(cls, proc_cgroup="/proc/self/cgroup", mountinfo="/proc/self/mountinfo"):
         """This process's job groups, prepared and tried (a group with a limit made and
-        removed). CgroupUnusable says why not. What dead supervisors left is not touched
-        here, but by remove_stale() once the supervisor serves."""
+        taken back). CgroupUnusable says why not. What dead supervisors left is not
+        touched here, but by remove_stale() once the supervisor serves."""
         own = _own_cgroups(proc_cgroup, mountinfo)
         v2 = own.get(2)
+        if v2 is not None and os.path.basename(v2) == SUPERVISOR_LEAF:
+            v2 = os.path.dirname(v2)        # moved there by an earlier supervisor of ours
         if v2 is not None and "memory" in _read_words(os.path.join(v2, "cgroup.controllers")):
             groups = cls(2, v2)
         elif own.get(1) is not None:
@@ -3024,46 +3068,61 @@ class JobCgroups:
         try:
             if self.version == 2:
                 self._delegate_below(self.own_dir, move_self=True)
-            os.mkdir(self.root, 0o755)
-            if self.version == 2:
-                self._delegate_below(self.root)
-            self.remove(self.create("probe", 64 * MiB))
+            self._make_root()
+            self.release(self.create(64 * MiB))
         except OSError as exc:
             self.close()
             raise CgroupUnusable(self._explain(exc)) from None
 
-    def _explain(self, exc):
-        where = exc.filename or self.own_dir
-        if exc.errno == errno.EBUSY and self.version == 2:
-            return (f"the supervisor's cgroup {self.own_dir} holds other processes: give it a "
-                    f"cgroup of its own (under systemd: Delegate=yes)")
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return (f"cannot make cgroups below {self.own_dir}: {exc.strerror} on {where} "
-                    f"(under systemd: Delegate=yes, and ProtectControlGroups off)")
-        return f"cannot make cgroups below {self.own_dir}: {exc.strerror} on {where}"
+    def _make_root(self):
+        os.mkdir(self.root, 0o755)
+        if self.version == 2:
+            self._delegate_below(self.root)
 
-    @staticmethod
-    def _delegate_below(directory, move_self=False):
+    def _explain(self, exc):
+        why = f"cannot make cgroups below {self.own_dir}: {exc.strerror}"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{why} (under systemd: Delegate=yes, and ProtectControlGroups off)"
+        return why
+
+    def _delegate_below(self, directory, move_self=False):
         """v2: turn the memory controller on for directory's children. v2 lets a group with
         controllers on for its children hold no processes itself, so (move_self) the
-        supervisor first moves into a leaf of its own; EBUSY if other processes remain."""
+        supervisor first moves into a leaf of its own, if it is alone there."""
         if "memory" in _read_words(os.path.join(directory, "cgroup.subtree_control")):
             return
         if move_self:
+            others = set(_read_words(os.path.join(directory, "cgroup.procs"))) - {
+                str(os.getpid())}
+            if others:
+                raise CgroupUnusable(
+                    f"the supervisor's cgroup {directory} holds other processes too "
+                    f"({len(others)}): give it a cgroup of its own (under systemd: "
+                    f"Delegate=yes)")
             leaf = os.path.join(directory, SUPERVISOR_LEAF)
             os.makedirs(leaf, 0o755, exist_ok=True)
             join_group(leaf)
         _write_file(os.path.join(directory, "cgroup.subtree_control"), "+memory")
 
-    def create(self, name, limit_bytes):
-        """A new group for a child, with its first job's limit as the hard limit."""
-        path = os.path.join(self.root, name)
-        os.mkdir(path, 0o755)
+    def create(self, limit_bytes):
+        """A group for a new child (an idle one reused, else a new one), with its first
+        job's limit as the hard limit. A root removed from outside is made again."""
+        path = self.free.pop() if self.free else None
+        if path is None:
+            self.made += 1
+            path = os.path.join(self.root, f"child-{self.made}")
+            try:
+                os.mkdir(path, 0o755)
+            except FileNotFoundError:
+                self._make_root()
+                os.mkdir(path, 0o755)
         try:
             if self.version == 2:
                 # The kernel kills the whole job at the limit, not one process of it: a job
                 # left half-killed would only fail later and less clearly.
                 _write_file(os.path.join(path, "memory.oom.group"), "1")
+            else:
+                _write_file(os.path.join(path, "memory.max_usage_in_bytes"), "0")  # its peak
             set_group_limit(self.version, path, limit_bytes)
         except OSError:
             with contextlib.suppress(OSError):
@@ -3071,13 +3130,8 @@ class JobCgroups:
             raise
         return path
 
-    def oom_kills(self, path):
-        """How many processes the kernel killed in the group for its limit."""
-        events = "memory.events" if self.version == 2 else "memory.oom_control"
-        try:
-            return _stat_value(os.path.join(path, events), "oom_kill")
-        except (OSError, ValueError):
-            return 0
+    def oom_counts(self, path):
+        return group_oom_counts(self.version, path)
 
     def kill_all(self, path):
         """SIGKILL everything in the group, programs that left the job's process group
@@ -3090,36 +3144,37 @@ class JobCgroups:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
 
-    def remove(self, path):
-        """Remove a group whose child was reaped. A process of it still exiting keeps it
-        busy: killed, and the group is tried again later (retry_leftover)."""
-        try:
-            os.rmdir(path)
-        except FileNotFoundError:
-            pass
-        except OSError:
+    def release(self, path):
+        """Take back the group of a reaped child: kept for reuse while it is empty and holds
+        little cache, else removed. A process of it still exiting keeps it busy: killed,
+        and the group is looked at again later (retry_leftover)."""
+        if _read_words(os.path.join(path, "cgroup.procs")):
             self.kill_all(path)
             if path not in self.leftover:
                 self.leftover.append(path)
+            return
+        with contextlib.suppress(ValueError):
+            self.leftover.remove(path)
+        if (len(self.free) < self.FREE_MAX and os.path.isdir(path)
+                and group_usage_bytes(self.version, path) <= self.REUSE_MAX_BYTES):
+            self.free.append(path)
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
     def retry_leftover(self):
         for path in list(self.leftover):
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                self.kill_all(path)
-                continue
-            self.leftover.remove(path)
+            self.release(path)
 
     def close(self, wait_s=1.0):
         """Remove every group left and our directory (the supervisor is leaving)."""
+        self.free, self.leftover = [], []
         self._remove_tree(self.root, wait_s)
 
     def remove_stale(self):
         """Remove the directories of supervisors that are gone (killed with -9, or the
-        power lost), after killing what still runs in their groups."""
+        power lost), after killing what still runs in their groups. One look, no waiting:
+        a group whose processes are still exiting is tried again at the next call."""
         try:
             names = os.listdir(self.own_dir)
         except OSError:
@@ -3132,7 +3187,7 @@ class JobCgroups:
             if _start_ticks(int(pid)) == int(started):
                 continue                   # its supervisor is alive
             path = os.path.join(self.own_dir, name)
-            if self._remove_tree(path, 1.0):
+            if self._remove_tree(path, 0.0):
                 log.info("removed the job cgroups left by supervisor pid %s at %s", pid, path)
 
     def _remove_tree(self, path, wait_s):
@@ -3151,11 +3206,11 @@ class JobCgroups:
                     os.rmdir(group)
             with contextlib.suppress(OSError):
                 os.rmdir(path)
-                self.leftover = [p for p in self.leftover if not p.startswith(path + "/")]
                 return True
             if time.monotonic() > give_up_tick:
-                log.warning("cgroup %s could not be removed yet: processes in it are still "
-                            "exiting; the next supervisor removes it", path)
+                if wait_s:
+                    log.warning("cgroup %s could not be removed yet: processes in it are "
+                                "still exiting; the next supervisor removes it", path)
                 return False
             time.sleep(0.01)               # SIGKILLed processes exit within milliseconds
 
@@ -3180,8 +3235,9 @@ def _read_words(path):
 #   supervisor -> child   J {job}       run this job next (pooled: handed over, maybe ahead)
 #                         A JOB         your last checkpoint of JOB is committed
 #                         X             drop every job handed over that you have not started
-#   child -> supervisor   S JOB TICK RSS CHARGED  JOB's task starts (monotonic tick, RSS and
-#                                        what its cgroup holds at start; 0: no cgroup)
+#   child -> supervisor   S JOB TICK RSS CHARGED KILLS HITS  JOB's task starts (monotonic
+#                                        tick, RSS, and of its cgroup: what it holds, OOM
+#                                        kills and limit hits so far; 0s: no cgroup)
 #                         P JOB [done, total]   progress (the newest per commit is kept)
 #                         C JOB {state}        a checkpoint: the child waits for A JOB
 #                         R JOB NEXT RUN_S {result}  JOB returned after RUN_S seconds;
@@ -3272,7 +3328,7 @@ def _data_bytes():
     return 0
 
 
-def _limit_memory(limit_bytes, *, hard, spec=None, group=None):
+def _limit_memory(limit_bytes, *, hard, version=None, group=None):
     """Let the next job add at most limit_bytes of private memory to what this process holds
     now. A fresh child sets a hard limit. A reused child must be able to set the limit again
     for its next job, so it sets only the soft limit: a task could raise it again itself, and
@@ -3284,7 +3340,6 @@ def _limit_memory(limit_bytes, *, hard, spec=None, group=None):
     resource.setrlimit(which, (ceiling, ceiling if hard else resource.getrlimit(which)[1]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))       # no core dumps on an SD card
     if group is not None:
-        version = spec.cgroup_version
         with contextlib.suppress(OSError):     # else the limit it was made with holds
             set_group_limit(version, group, group_usage_bytes(version, group) + limit_bytes)
 
@@ -3578,7 +3633,8 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent, group=Non
         if unjoined is not None:
             link.say(SAY_FAILED, job.id, FAILED_ERROR, json.dumps(unjoined).encode())
             return
-        _limit_memory(memory_limit_bytes, hard=not pooled, spec=spec, group=group)
+        _limit_memory(memory_limit_bytes, hard=not pooled, version=spec.cgroup_version,
+                      group=group)
         for number in range(1, spec.jobs_per_child + 1):
             started_tick = time.monotonic()
             returned, text = _run_job(job, spec, link, signals, memory_limit_bytes, streams,
@@ -3594,7 +3650,8 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent, group=Non
             job, memory_limit_bytes = link.next_job(signals)
             if job is None:
                 return
-            _limit_memory(memory_limit_bytes, hard=False, spec=spec, group=group)
+            _limit_memory(memory_limit_bytes, hard=False, version=spec.cgroup_version,
+                          group=group)
     except StopRequested:
         sys.exit(EXIT_CHILD_STOPPED)
 
@@ -3608,9 +3665,12 @@ def _run_job(job, spec, link, signals, memory_limit_bytes, streams, group=None):
     ctx = signals.ctx = Context(None, job, None, reporter=_PipeReporter(link))
     if signals.asked:
         ctx.ask_stop()
-    charged = 0 if group is None else group_usage_bytes(spec.cgroup_version, group)
+    charged, (kills, hits) = 0, (0, 0)
+    if group is not None:
+        charged = group_usage_bytes(spec.cgroup_version, group)
+        kills, hits = group_oom_counts(spec.cgroup_version, group)
     link.say(SAY_STARTED, job.id, repr(time.monotonic()), process_rss_bytes(os.getpid()) or 0,
-             charged)
+             charged, kills, hits)
     kind = FAILED_ERROR
     try:
         result = _call_task(spec.tasks[job.task].fn, ctx, job.payload)
@@ -3635,6 +3695,9 @@ def _run_job(job, spec, link, signals, memory_limit_bytes, streams, group=None):
         output_problem = output_problem or f"job output not written: {name}: {exc.strerror}"
     if output_problem:
         error = f"{error.rstrip()}\n({output_problem})"
+    if group is not None and group_oom_counts(spec.cgroup_version, group)[0] > kills:
+        # A program of the job was OOM-killed in its group, and the job failed of it
+        error = f"{KERNEL_OOM}: the kernel killed a process of the job\n{error}"
     link.say(SAY_FAILED, job.id, kind, json.dumps(_clipped(error.rstrip())).encode())
     return False, None
 
@@ -3963,7 +4026,7 @@ class _Run:
                  "baseline_bytes", "stop_reason", "detail", "kill_at_tick", "killed",
                  "rss_bytes", "saved", "checkpoint", "ack_owed", "progress", "reported",
                  "ending", "lease_lost", "forked", "cancel_asked", "output_bytes",
-                 "charged_bytes", "charged_baseline_bytes")
+                 "charged_bytes", "charged_baseline_bytes", "oom_base")
 
     def __init__(self, job, child, memory_limit_bytes, handed_tick, baseline_bytes=0):
         self.job, self.child, self.memory_limit_bytes = job, child, memory_limit_bytes
@@ -3991,6 +4054,7 @@ class _Run:
         # (exact: shared pages once), measured like RSS from what it held at start.
         self.charged_bytes = None   # the group's usage at the last poll; None: no group
         self.charged_baseline_bytes = 0
+        self.oom_base = None        # its group's (OOM kills, limit hits) when it started
 
     def facts(self, tick, output_limit_bytes=None):
         started_tick = self.started_tick if self.started_tick is not None else self.handed_tick
@@ -4012,12 +4076,13 @@ class _Child:
 
     __slots__ = ("process", "from_child", "to_child", "runs", "partial", "outbox", "eof",
                  "reaped", "idle_since_tick", "handed", "last_run_s", "dropping", "done",
-                 "retired", "retired_tick", "group", "kernel_oom")
+                 "retired", "retired_tick", "group", "oom_base", "oom_killed")
 
     def __init__(self, process, from_child, to_child, group=None):
         self.process = process
         self.group = group              # its memory cgroup (None: rlimit only)
-        self.kernel_oom = False         # the kernel killed a process of its group at the limit
+        self.oom_base = (0, 0)          # its group's (OOM kills, limit hits) when handed over
+        self.oom_killed = None          # at its reaping: how the OOM killer took its job
         self.from_child = from_child    # read end of what it says, a line each
         self.to_child = to_child        # write end of what we tell it
         self.runs = []                  # handed over, not finished; runs[0] is its job now
@@ -4081,9 +4146,10 @@ class ChildPool:
         return child
 
     def _start(self, job, limit_bytes, name):
-        group = None
+        group, oom_base = None, (0, 0)
         if self.cgroups is not None:
-            group = self.cgroups.create(f"child-{self.forked + 1}", limit_bytes)
+            group = self.cgroups.create(limit_bytes)
+            oom_base = self.cgroups.oom_counts(group)
         from_child, to_parent = os.pipe()
         from_parent, to_child = os.pipe()
         process = self.mp.Process(target=_child_main, name=name,
@@ -4095,7 +4161,7 @@ class ChildPool:
             os.close(from_child)
             os.close(to_child)
             if group is not None:
-                self.cgroups.remove(group)
+                self.cgroups.release(group)
             raise
         finally:
             os.close(to_parent)
@@ -4106,6 +4172,7 @@ class ChildPool:
             os.setpgid(process.pid, process.pid)
         self.forked += 1
         child = _Child(process, from_child, to_child, group)
+        child.oom_base = oom_base
         self.children.append(child)
         return child
 
@@ -4190,9 +4257,9 @@ class ChildPool:
         if run is None:
             return []
         if tag == SAY_STARTED:
-            started_tick, rss_bytes, charged_bytes = rest.split()
+            started_tick, rss_bytes, charged_bytes, kills, hits = rest.split()
             run.started_tick, run.baseline_bytes = float(started_tick), int(rss_bytes)
-            run.charged_baseline_bytes = int(charged_bytes)
+            run.charged_baseline_bytes, run.oom_base = int(charged_bytes), (int(kills), int(hits))
         elif tag == SAY_PROGRESS:
             run.progress = json.loads(rest)
         elif tag == SAY_CHECKPOINT:
@@ -4254,15 +4321,24 @@ class ChildPool:
         for fd in (child.from_child, child.to_child):
             os.close(fd)
         if child.group is not None:
-            self.see_kernel_oom(child)               # the group says so until it is gone
-            self.cgroups.remove(child.group)
+            child.oom_killed = self.kernel_oom(child)   # before its group is reused
+            self.cgroups.release(child.group)
         return code
 
-    def see_kernel_oom(self, child):
-        """Did the kernel kill a process in child's group at its limit? Remembered."""
-        if child.group is not None and not child.kernel_oom:
-            child.kernel_oom = self.cgroups.oom_kills(child.group) > 0
-        return child.kernel_oom
+    def kernel_oom(self, child):
+        """Did the kernel's OOM killer take a process of child's current job? "limit": its
+        group hit its own limit; "outside": memory ran out above it (the machine, or a
+        group above the supervisor); None: no."""
+        if child.group is None:
+            return None
+        run = child.current
+        base = run.oom_base if run is not None and run.oom_base is not None else child.oom_base
+        kills, hits = self.cgroups.oom_counts(child.group)
+        if kills <= base[0]:
+            return None
+        # (v2 counts the hits; v1 says whether the group's peak reached its limit)
+        hit = hits > base[1] if self.cgroups.version == 2 else hits > 0
+        return "limit" if hit else "outside"
 
     def busy(self):
         """How many children have a job (a slot each)."""
@@ -4278,11 +4354,10 @@ class ChildPool:
         self.signal(child, signal.SIGTERM)
 
     def retire_idle(self, idle_s, linger_s):
-        """Let go of children idle for idle_s (a spare waits for as long as it takes);
-        SIGKILL retired ones lingering past linger_s."""
+        """Let go of children idle for idle_s; SIGKILL retired ones lingering past linger_s."""
         tick = time.monotonic()
         for child in self.idle():
-            if child.handed and tick - child.idle_since_tick > idle_s:
+            if tick - child.idle_since_tick > idle_s:
                 self.retire(child)
         for child in self.children:
             if child.retired and not child.runs and tick - child.retired_tick > linger_s:
@@ -4318,6 +4393,7 @@ class _Dispatch:
         self.run_s_by_task = {}          # how long each task's last job ran here
         self.no_start_until_tick = 0.0   # after a refused fork: not again before the next poll
         self.no_spare_until_tick = 0.0   # after a spare that failed: not again before then
+        self.claimed_tick = None         # when jobs were last claimed
 
     def wanted(self, tick, stopping):
         """How many jobs to claim: one for each free slot (an idle child or a new one) not
@@ -4349,6 +4425,8 @@ class _Dispatch:
         job's task is one whose last job was short here. The rest are held for the next
         child that is free: a job never waits in a child behind a long one, and jobs still
         start in claim order."""
+        if claimed:
+            self.claimed_tick = tick
         runs = self.held + [self.track(job, tick) for job in claimed]
         self.held = []
         idle = self.pool.idle()
@@ -4359,14 +4437,12 @@ class _Dispatch:
                 child = idle.pop(0)
                 spare = not child.handed
                 self.pool.hand(child, run)
-                if spare:                 # a fresh child as a fork would be: say so alike
-                    log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id,
-                             run.job.task, run.job.attempts, run.job.max_attempts, child.pid)
+                if spare:                 # a fresh child as a fork would be: said alike
+                    _log_start(run)
                 continue
             try:
                 self.pool.fork(run, tick)
-                log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id, run.job.task,
-                         run.job.attempts, run.job.max_attempts, run.child.pid)
+                _log_start(run)
             except OSError as exc:        # fork refused (memory, pid limit): give back
                 log.error("cannot start a child: %s; jobs go back to the queue", exc)
                 for unplaced in [run, *runs]:
@@ -4385,10 +4461,13 @@ class _Dispatch:
         """Where each job's fresh child goes into a cgroup of its own, keep one forked ahead,
         so the next job starts without waiting for the move (see ChildPool.fork_spare).
         Pooled children pay the move once each and keep their group: no spare. wanted: the
-        supervisor may start jobs now (serving, at memory level normal). A spare that ends
-        before it is handed a job is not replaced before the next poll."""
+        supervisor may start jobs now (serving, at memory level normal). Only while jobs
+        come: a spare waits CHILD_IDLE_S at most (retire_idle), and none is forked after a
+        quiet spell that long, so an idle supervisor holds no extra process. A spare that
+        ends before it is handed a job is not replaced before the next poll."""
         if (self.pool.cgroups is None or self.options.jobs_per_child > 1 or not wanted
-                or tick < self.no_spare_until_tick or self.pool.idle()):
+                or tick < self.no_spare_until_tick or self.pool.idle()
+                or self.claimed_tick is None or tick - self.claimed_tick > CHILD_IDLE_S):
             return
         try:
             self.pool.fork_spare(self.options.memory_limit_bytes)
@@ -4628,22 +4707,25 @@ class Supervisor:
                 # Its job then, if it had started it (or was forked for it): a job handed
                 # over and never started costs nothing, whatever became of the child.
                 current = index == 0 and (run.started_tick is not None or run.forked)
-                if current and child.kernel_oom:
-                    self._blame_kernel_oom(run)
+                if current and child.oom_killed:
+                    self._blame_kernel_oom(run, child.oom_killed)
                 self._end(run, current=current, exit_code=code)
             freed += bool(child.runs)
             child.runs = []
         return freed
 
-    def _blame_kernel_oom(self, run):
-        """The kernel killed a process of run's cgroup at the job's limit: the job failed for
-        its memory (unless it was being cancelled), however its child ended."""
-        if run.stop_reason == STOP_CANCEL or (run.reported and run.reported[0] == DONE):
+    def _blame_kernel_oom(self, run, how):
+        """The kernel's OOM killer took a process of run's job (how: see ChildPool.
+        kernel_oom): the job failed for memory (unless it was being cancelled, or had
+        already said how it ended: its child then told the kill itself)."""
+        if run.stop_reason == STOP_CANCEL or run.reported is not None:
             return
-        detail = (f"{KERNEL_OOM}: its cgroup reached the "
-                  f"{format_bytes(run.memory_limit_bytes)} limit")
-        if run.reported is not None:               # it reported the loss itself: say why
-            run.reported = (*run.reported[:2], f"{detail}\n{run.reported[2]}")
+        if how == "limit":
+            detail = (f"{KERNEL_OOM}: its cgroup reached the "
+                      f"{format_bytes(run.memory_limit_bytes)} limit")
+        else:
+            detail = ("killed by the kernel's OOM killer: memory ran out outside the job's "
+                      "cgroup (the machine's, or a group's above the supervisor)")
         run.stop_reason, run.detail = STOP_MEMORY, detail
 
     def _end(self, run, *, current, exit_code):
@@ -4704,10 +4786,11 @@ class Supervisor:
                 if child.group is not None:
                     run.charged_bytes = group_usage_bytes(self.pool.cgroups.version,
                                                           child.group)
-                if self.pool.see_kernel_oom(child) and not run.killed:
+                how = None if run.killed else self.pool.kernel_oom(child)
+                if how and run.reported is None:
                     # v1 kills one process of the group, not all (v2's memory.oom.group):
                     # the rest of the job goes too, as one failure.
-                    self._blame_kernel_oom(run)
+                    self._blame_kernel_oom(run, how)
                     self._kill(run, run.stop_reason, run.detail, at)
         self._apply_memory_plan(level, reading.pressure, at, tick)
 
@@ -4925,6 +5008,11 @@ class Supervisor:
         self.dispatch.give_back_held()
         with contextlib.suppress(Error):
             self._commit(now())
+
+
+def _log_start(run):
+    log.info("job %d %s started (attempt %d/%d, pid %d)", run.job.id, run.job.task,
+             run.job.attempts, run.job.max_attempts, run.child.pid)
 
 
 def _log_ending(run, state):
