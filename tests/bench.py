@@ -1253,9 +1253,10 @@ class BenchGroup:
         self.groups._remove_tree(self.path, 5.0)
 
 
-def isolation_burst(bench, n_jobs, isolation):
-    """jobs/s of serve --burst --slots 2 (a fresh child per job) with that --isolation."""
-    db = bench.path(f"iso-{isolation}.db")
+def isolation_burst(bench, n_jobs, isolation, jobs_per_child=1):
+    """jobs/s of serve --burst --slots 2 with that --isolation (a fresh child per job, or
+    pooled children)."""
+    db = bench.path(f"iso-{isolation}-{jobs_per_child}.db")
     queue = litequeue.Queue(db)
     for start in range(0, n_jobs, 1000):
         queue.enqueue_many([("echo", {"i": i}) for i in range(start, min(n_jobs, start + 1000))])
@@ -1263,7 +1264,8 @@ def isolation_burst(bench, n_jobs, isolation):
     t0 = time.perf_counter()
     with open(db + ".log", "w") as log:
         proc = subprocess.run([PY, SCRIPT, "serve", "--burst", "--slots", "2", "--db", db,
-                               "--isolation", isolation], stdout=subprocess.DEVNULL, stderr=log,
+                               "--isolation", isolation, "--jobs-per-child",
+                               str(jobs_per_child)], stdout=subprocess.DEVNULL, stderr=log,
                               cwd=bench.dir, timeout=1800)
     wall = time.perf_counter() - t0
     text = open(db + ".log").read()
@@ -1339,6 +1341,17 @@ def section_isolation(bench):
           f"rlimit {rate(plain)}", pct(grouped / plain), "")
     t.row("   cost of the group per job (1/rate difference)", ms(cost_s), "", "", "< 1 ms",
           cost_s < 0.001)
+    pooled_jobs = 10 * jobs
+    pooled = {"rlimit": [], "cgroup": []}
+    for round_ in range(n["isolation_rounds"]):
+        for isolation in ("rlimit", "cgroup"):
+            say(f"{pooled_jobs} echo jobs, --jobs-per-child 1000 --isolation {isolation}")
+            pooled[isolation].append(isolation_burst(bench, pooled_jobs, isolation, 1000))
+    plain, grouped = (statistics.median(pooled[k]) for k in ("rlimit", "cgroup"))
+    t.row(f"{pooled_jobs:,} no-op jobs, --jobs-per-child 1000 (jobs/s)", rate(grouped),
+          f"rlimit {rate(plain)}", pct(grouped / plain), "")
+    t.row("   cost of the group per job (1/rate difference)", us(1 / grouped - 1 / plain),
+          "", "", "")
 
     db = bench.path("iso-latency.db")
     app = os.path.join(bench.dir, "iso_stamp_app.py")
