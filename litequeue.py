@@ -4715,7 +4715,7 @@ class Supervisor:
         if self.options.keep_s is not None and tick >= self._next_purge_tick:
             self._retain(at)
             self._next_purge_tick = tick + min(60.0, max(1.0, self.options.keep_s / 4))
-        return min(self._next_poll_tick, self._next_heartbeat_tick)
+        return min(self._next_poll_tick, self._next_heartbeat_tick, self._next_deadline_tick())
 
     # -- observe ------------------------------------------------------------------------
 
@@ -4891,6 +4891,22 @@ class Supervisor:
             for job_id in self.queue.shed_due(tasks=self.tasks, at=at, pressure=pressure):
                 log.info("job %d shed at %.1f%% memory pressure", job_id, pressure)
 
+    def _next_deadline_tick(self):
+        """The earliest kill, timeout or start deadline a live run has coming: the loop
+        wakes for it, so a long --poll (with PSI wake-ups, a cheap choice) does not stretch
+        a grace period or a timeout by up to a poll."""
+        ticks = []
+        for run in self._live_runs():
+            if run.killed:
+                continue
+            if run.kill_at_tick is not None:
+                ticks.append(run.kill_at_tick)
+            if run.started_tick is None:
+                ticks.append(run.handed_tick + self.options.start_deadline_s)
+            elif run.job.timeout_s is not None and run.stop_reason is None:
+                ticks.append(run.started_tick + run.job.timeout_s)
+        return min(ticks, default=math.inf)
+
     def _enforce_limits(self, tick):
         """Per-job memory limit, start deadline, timeout and output limit; SIGKILL for a stop
         past its grace."""
@@ -4948,8 +4964,9 @@ class Supervisor:
                 self.pool.signal(run.child, signal.SIGKILL)
             elif action == "ask":
                 self._ask_stop(run, STOP_SHUTDOWN, "supervisor shutting down", tick, None)
-                # Kill early enough that reaping and exiting still fit within the grace.
-                run.kill_at_tick = tick + max(0.0, self.grace_s - 2 * self.poll_s)
+                # Kill early enough that reaping and exiting still fit within the grace
+                # (the loop wakes for the kill itself: see _next_deadline_tick).
+                run.kill_at_tick = tick + self.grace_s - min(2 * self.poll_s, self.grace_s / 4)
 
     # -- act ----------------------------------------------------------------------------
 

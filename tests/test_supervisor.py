@@ -866,3 +866,21 @@ def test_serve_started_as_a_script_keeps_its_pid_interpreter_options_and_paths(t
     assert "import time:" in err                          # the option reached the supervisor
     assert f"litequeue[{proc.pid}]" in err                # its log lines carry the same pid
     assert get(db_path, job_id).result == {"n": 7}
+
+
+def test_sigterm_with_a_long_poll_still_gives_a_job_its_grace(tmp_path, db_path, serve):
+    """--poll 30 (PSI wake-ups make a long poll a cheap choice): at SIGTERM, a job that
+    saves every 1.5 s still gets to stop at its next checkpoint within --grace 6, instead of
+    being killed at once because the kill was moved earlier by two polls."""
+    server = serve("--poll", "30", "--grace", "6")
+    wait_for(server.registered)
+    with litequeue.Queue(db_path) as q:
+        job_id = q.enqueue("chunked", {"chunks": 100, "chunk_s": 1.5})
+        wait_for(lambda: (q.get(job_id).checkpoint or {}).get("i", 0) >= 1, timeout=15)
+        saved = q.get(job_id).checkpoint["i"]
+    assert server.terminate() == 0
+    job = get(db_path, job_id)
+    assert job.state == "queued" and job.attempts == 0
+    assert job.checkpoint["i"] > saved                      # it saved once more, and stopped
+    back = [e for e in events_of(db_path, job_id) if e["to_state"] == "queued"]
+    assert "no checkpoint within the grace" not in back[-1]["reason"], back[-1]
