@@ -75,7 +75,7 @@ def scene(queue):
                "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                "ConnectionError: <script>alert(1)</script> host unreachable",
                retryable=False)
-    queue.register_supervisor("sup-1", litequeue.host_identity(), ["resize"], [])
+    queue.register_supervisor("sup-1", litequeue.host_identity(), ["resize"], [], "cgroup")
     queue.supervisor_heartbeat("sup-1", litequeue.now(), "skip", 72.5, [
         {"id": running.id, "rss_bytes": 50 * litequeue.MiB, "pid": os.getpid()}])
     return {"running": running_id, "dead": dead_id}
@@ -239,6 +239,9 @@ def test_page_shows_running_job_dead_error_and_chart(tmp_path, dashboard, scene)
         assert label in chart
     assert 'id="current-level">skip<' in dom and "72.5% skip" in chart
     assert '<div id="unserved"><div>fetch</div>' in dom
+    sup = re.search(r'<div id="supervisors">.*?<tr>(.*?)</tr>.*?<tr>(.*?)</tr>', dom, re.S)
+    assert ">job limits<" in sup.group(1), sup.group(0)
+    assert '>cgroup</td>' in sup.group(2) and "the kernel enforces" in sup.group(2)
 
 
 @needs_chromium
