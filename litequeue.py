@@ -5570,8 +5570,10 @@ def format_status(status, path):
     lines.append(f"heartbeat   {_format_age(status['heartbeat_age'])}"
                  + (" ago" if status["heartbeat_age"] is not None else ""))
     sups = status["supervisors"]
-    lines.append("supervisors " + ("  ".join(f"{s['id']} ({s['level']}, {s['isolation']})"
-                                             for s in sups) if sups else "none running"))
+    limits = {"cgroup": "a cgroup per job", "rlimit": "rlimits"}
+    lines.append("supervisors " + ("  ".join(
+        f"{s['id']} ({s['level']}, {limits.get(s['isolation'], s['isolation'])})"
+        for s in sups) if sups else "none running"))
     if status["unserved"]:
         lines.append("unserved    " + ", ".join(status["unserved"])
                      + "  (queued, but no live supervisor serves these tasks)")
@@ -5701,7 +5703,8 @@ def _build_cli():
     @click.option("--jobs-per-child", type=int, default=1, show_default=True,
                   help="jobs one child may run before it is replaced; above 1, a child is "
                        "reused after a clean finish and each job's memory limit is a soft rlimit "
-                       "(and, with cgroups, its group's limit, set again for each job)")
+                       "(with cgroups, the child's group keeps its limit, set again for a "
+                       "job whose limit differs)")
     @click.option("--isolation", type=click.Choice(ISOLATION_MODES), default="auto",
                   show_default=True,
                   help="how hard a job's memory limit is: cgroup (a memory cgroup per job: the "
