@@ -3133,8 +3133,8 @@ class JobCgroups:
             raise
         return path
 
-    def oom_counts(self, path):
-        return group_oom_counts(self.version, path)
+    def oom_counts(self, path, hits=True):
+        return group_oom_counts(self.version, path, hits)
 
     def kill_all(self, path):
         """SIGKILL everything in the group, programs that left the job's process group
@@ -4177,7 +4177,7 @@ class ChildPool:
         group, oom_base = None, (0, 0)
         if self.cgroups is not None:
             group = self.cgroups.create(limit_bytes)
-            oom_base = self.cgroups.oom_counts(group)
+            oom_base = self.cgroups.oom_counts(group, hits=self.cgroups.version == 2)
         from_child, to_parent = os.pipe()
         from_parent, to_child = os.pipe()
         process = self.mp.Process(target=_child_main, name=name,
