@@ -3347,16 +3347,16 @@ def _limit_memory(limit_bytes, *, hard, group=None):
 
 
 class _ChildGroup:
-    """A child's own memory cgroup, as the child sees it. Its limit is what the group held
-    when it was set plus the job's limit, set again only for a job whose limit differs:
-    a pooled child's jobs are hot (four cgroup file operations a job cost 50 us, 20% of
-    --jobs-per-child 1000's throughput here), and a child that grew is replaced anyway
-    (CHILD_GROWTH_LIMIT_BYTES)."""
+    """A child's own memory cgroup, as the child sees it. The supervisor made it with the
+    first job's limit (a spare's: --memory-limit); for a job whose limit differs, the
+    limit becomes what the group holds then plus the job's. Only then: each cgroup file
+    operation costs ~18 us, and four a job cost 20% of --jobs-per-child 1000's throughput
+    here; a pooled child that grew is replaced anyway (CHILD_GROWTH_LIMIT_BYTES)."""
 
-    def __init__(self, version, path):
+    def __init__(self, version, path, limit_bytes):
         self.version, self.path = version, path
-        self.limit_bytes = None        # the job limit the group's limit was last set for
-        self.base_bytes = 0            # what the group held then
+        self.limit_bytes = limit_bytes  # the job limit the group's limit was last set for
+        self.base_bytes = 0             # what the group held then
 
     def limit(self, limit_bytes):
         if limit_bytes == self.limit_bytes:
@@ -3648,7 +3648,7 @@ def _child_main(spec, job, memory_limit_bytes, to_parent, from_parent, group=Non
             join_group(group)
         except OSError as exc:             # the job it gets fails saying so: never unbounded
             unjoined = f"could not join its memory cgroup {group}: {exc}"
-        group = _ChildGroup(spec.cgroup_version, group)
+        group = _ChildGroup(spec.cgroup_version, group, memory_limit_bytes)
     pooled = spec.jobs_per_child > 1
     forked_bytes = process_rss_bytes(os.getpid()) or 0
     streams = _JobStreams()
