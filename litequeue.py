@@ -1118,7 +1118,7 @@ class _Leases(_Store):
         if not levels:
             return []
         blocked, trial_tasks = breakers_blocking(self.conn, at)
-        for sources in levels:
+        for level, sources in levels:
             heads = {}
             while len(claimed) < limit:
                 row = self._next_of_level(sources, heads, at, served, blocked)
@@ -1130,7 +1130,10 @@ class _Leases(_Store):
                     "declared": task is not None,
                     **{name: None if task is None else getattr(task.defaults, name)
                        for name in self.RESOLVED_AT_CLAIM}}))
-                self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING, owner)
+                self._event(at, row["id"], row["task"], "job", QUEUED, RUNNING,
+                            owner if running["priority"] == level else
+                            f"{owner} (aged: {PRIORITY_NAMES[running['priority']]} started as "
+                            f"{PRIORITY_NAMES[level]})")
                 try:
                     job = Job(running, strict=True)
                 except UnreadableValue as exc:        # it can never run: dead, not a crash
@@ -1155,9 +1158,9 @@ class _Leases(_Store):
 
     def _claim_levels(self, priorities, at, age_s):
         """The order a claim looks in: for each priority a job may be claimed at, best
-        first, its sources as (own priority, due by): the jobs of that priority due by now,
-        and, with aging, those of a lower one that have waited long enough to be claimed at
-        this one. [] when nothing is queued."""
+        first, (that priority, its sources as (own priority, due by)): the jobs of that
+        priority due by now, and, with aging, those of a lower one that have waited long
+        enough to be claimed at this one. [] when nothing is queued."""
         if age_s is not None and not age_s >= 0:
             raise BadInput(f"age_s: {age_s!r} must be >= 0")
         best = {}        # {own priority: the best any job of it is claimed at now}, if aged
@@ -1173,11 +1176,11 @@ class _Leases(_Store):
             return []
         own = sorted(p for p in priorities if p >= lowest)
         if not best.keys() & own:                  # nothing aged: one source per priority
-            return [[(p, at)] for p in own]
-        levels = [[(p, at - (p - level) * age_s if p > level else at)
-                   for p in own if p == level or best.get(p, p) <= level < p]
+            return [(p, [(p, at)]) for p in own]
+        levels = [(level, [(p, at - (p - level) * age_s if p > level else at)
+                           for p in own if p == level or best.get(p, p) <= level < p])
                   for level in PRIORITY_NAMES]
-        return [sources for sources in levels if sources]
+        return [(level, sources) for level, sources in levels if sources]
 
     def _next_of_level(self, sources, heads, at, served, blocked):
         """The next job of one claim priority: the earliest (due time, then id) of its

@@ -283,3 +283,14 @@ def test_serve_help_describes_age():
     assert result.exit_code == 0
     assert "--age DURATION" in text and "[default: 10m]" in text
     assert "by its own priority" in text
+
+
+def test_the_claim_event_says_a_job_was_aged(queue):
+    """Why a low job ran before high ones shows in its events, not only in its due time."""
+    low = enqueue_at(queue, T0, priority="low")
+    high = enqueue_at(queue, T0 + 2 * AGE, priority="high")
+    assert claim_all(queue, T0 + 2 * AGE, age_s=AGE) == [low, high]
+    (aged,) = [e for e in queue.events(job_id=low) if e["to_state"] == "running"]
+    assert aged["reason"].endswith("(aged: low started as high)"), aged
+    (plain,) = [e for e in queue.events(job_id=high) if e["to_state"] == "running"]
+    assert "aged" not in plain["reason"]
