@@ -2838,18 +2838,19 @@ class MemoryProbe:
 # limit. The kernel then caps the job's whole tree (the programs it starts, MAP_SHARED
 # memory, page cache) the moment it gets there. The rlimit counts one process's private
 # memory only, and the RSS poll looks every --poll: measured here (cgroup v1), a task
-# mapping 600 MiB MAP_SHARED under a 200M limit took the supervisor's group to 472 MiB
-# before the poll killed it; in a group of its own the kernel killed it at 200 MiB, 0.18 s
-# after it started. The rlimit and the poll stay, as a second line.
+# mapping 600 MiB MAP_SHARED under a 200M limit took the supervisor's group 400-439 MiB
+# above what it held before the poll killed it; in a group of its own the kernel killed it
+# at 200 MiB, 0.18 s after it started. The rlimit and the poll stay, as a second line.
 #
 #   v2   OWN/                          the supervisor's group (systemd: the unit's, Delegate=yes)
 #          litequeue-supervisor/       the supervisor itself: v2 lets only leaves hold processes
-#          litequeue-PID-START-R/      this supervisor's jobs, one group per child: job-ID/
-#   v1   OWN/litequeue-PID-START-R/job-ID/    (OWN: its group in the memory hierarchy)
+#          litequeue-PID-START-R/      this supervisor's jobs, a group per child: child-N/
+#   v1   OWN/litequeue-PID-START-R/child-N/   (OWN: its group in the memory hierarchy)
 #
-# A group is removed once its child is reaped. What a supervisor killed with -9 left is
-# removed by the next one that starts below the same group, after killing what still runs
-# there (START, the process's start time, tells a dead supervisor from a reused pid).
+# A group is taken back once its child is reaped, and reused (see JobCgroups). What a
+# supervisor killed with -9 left is removed by the next one that starts below the same
+# group, after killing what still runs there (START, the process's start time, tells a dead
+# supervisor from a reused pid).
 
 ISOLATION_MODES = ("auto", "cgroup", "rlimit")
 KERNEL_OOM = "memory limit exceeded (kernel)"
