@@ -2847,10 +2847,16 @@ class MemoryProbe:
 #          litequeue-PID-START-R/      this supervisor's jobs, a group per child: child-N/
 #   v1   OWN/litequeue-PID-START-R/child-N/   (OWN: its group in the memory hierarchy)
 #
-# A group is taken back once its child is reaped, and reused (see JobCgroups). What a
-# supervisor killed with -9 left is removed by the next one that starts below the same
-# group, after killing what still runs there (START, the process's start time, tells a dead
-# supervisor from a reused pid).
+# A group is removed once its child is reaped. What a supervisor killed with -9 left is
+# removed by the next one that starts below the same group, after killing what still runs
+# there (START, the process's start time, tells a dead supervisor from a reused pid).
+#
+# Known cost, left as SPEC.md has it ("the group is removed when the job ends"): a removed
+# memory cgroup that still has page cache charged to it (a job's output file, most often)
+# lingers in the kernel as a "dying" cgroup until that cache is reclaimed, holding some
+# kernel memory and one of 65535 cgroup ids; measured here, 20 groups made and removed left
+# 20 dying ones until their files were deleted. Emptying a group first (v1
+# memory.force_empty) took 1-200 ms a group. Reusing idle groups would avoid both.
 
 ISOLATION_MODES = ("auto", "cgroup", "rlimit")
 KERNEL_OOM = "memory limit exceeded (kernel)"
@@ -2991,15 +2997,15 @@ def group_usage_bytes(version, path):
 
 def group_oom_counts(version, path, hits=True):
     """(processes the kernel's OOM killer took in the group, times the group hit its own
-    limit) since it was made; v1: 1 if its peak since it was handed out reached its limit
-    (hits=False: 0, and two reads fewer)."""
+    limit) since it was made; v1: 1 if its peak reached its limit (hits=False: 0, and two
+    reads fewer)."""
     try:
         if version == 2:
             with open(os.path.join(path, "memory.events")) as f:
                 events = dict(line.split() for line in f if line.strip())
             return int(events.get("oom_kill", 0)), int(events.get("oom", 0))
         # v1 has no count of limit hits to trust (failcnt stayed 0 here through an OOM kill
-        # at the limit): whether the peak (reset when the group is handed out) reached it.
+        # at the limit): whether the group's peak reached its limit.
         kills = _stat_value(os.path.join(path, "memory.oom_control"), "oom_kill")
         if not hits:
             return kills, 0
@@ -3021,20 +3027,9 @@ def join_group(path):
 
 class JobCgroups:
     """The mechanism of a cgroup per job: prepare this supervisor's directory of groups
-    below its own group, hand out a group with a job's limit for each child, read the
-    kernel's OOM kills in it, kill what is left in it, and take it back once the child is
-    reaped. It decides nothing.
-
-    Groups are reused, not removed after each child: a removed memory cgroup that still has
-    page cache charged to it (a job's output file, most often) lingers in the kernel as a
-    "dying" cgroup until that cache is reclaimed, holding kernel memory and one of 65535
-    cgroup ids; measured here, 20 groups made and removed left 20 dying ones until their
-    files were deleted. Emptying them first (v1 memory.force_empty) took 1-200 ms each. A
-    group that holds more than REUSE_MAX_BYTES of cache is removed instead, so what a job
-    may hold beyond its limit, once the kernel reclaims that cache, stays within it."""
-
-    REUSE_MAX_BYTES = 4 * MiB          # a group holding more is not reused
-    FREE_MAX = 4                       # idle groups kept for reuse
+    below its own group, make a group with a job's limit for each child, read the kernel's
+    OOM kills in it, kill what is left in it, and remove it once the child is reaped. It
+    decides nothing."""
 
     def __init__(self, version, own_dir, pid=None):
         self.version = version              # 1 or 2
@@ -3044,7 +3039,6 @@ class JobCgroups:
         self.root = os.path.join(own_dir, f"{CGROUP_PREFIX}{pid}-{_start_ticks(pid)}-"
                                           f"{random.randrange(1 << 32):08x}")
         self.made = 0                       # groups made (names them: child-N)
-        self.free = []                      # idle groups, empty of processes, for reuse
         self.leftover = []                  # groups whose processes were still exiting
 
     def __repr__(self):
@@ -3053,7 +3047,7 @@ class JobCgroups:
     @classmethod
     def detect(cls, proc_cgroup="/proc/self/cgroup", mountinfo="/proc/self/mountinfo"):
         """This process's job groups, prepared and tried (a group with a limit made and
-        taken back). CgroupUnusable says why not. What dead supervisors left is not
+        removed). CgroupUnusable says why not. What dead supervisors left is not
         touched here, but by remove_stale() once the supervisor serves."""
         own = _own_cgroups(proc_cgroup, mountinfo)
         v2 = own.get(2)
@@ -3112,24 +3106,20 @@ class JobCgroups:
         _write_file(os.path.join(directory, "cgroup.subtree_control"), "+memory")
 
     def create(self, limit_bytes):
-        """A group for a new child (an idle one reused, else a new one), with its first
-        job's limit as the hard limit. A root removed from outside is made again."""
-        path = self.free.pop() if self.free else None
-        if path is None:
-            self.made += 1
-            path = os.path.join(self.root, f"child-{self.made}")
-            try:
-                os.mkdir(path, 0o755)
-            except FileNotFoundError:
-                self._make_root()
-                os.mkdir(path, 0o755)
+        """A new group for a new child, with its first job's limit as the hard limit. A
+        root removed from outside is made again."""
+        self.made += 1
+        path = os.path.join(self.root, f"child-{self.made}")
+        try:
+            os.mkdir(path, 0o755)
+        except FileNotFoundError:
+            self._make_root()
+            os.mkdir(path, 0o755)
         try:
             if self.version == 2:
                 # The kernel kills the whole job at the limit, not one process of it: a job
                 # left half-killed would only fail later and less clearly.
                 _write_file(os.path.join(path, "memory.oom.group"), "1")
-            else:
-                _write_file(os.path.join(path, "memory.max_usage_in_bytes"), "0")  # its peak
             set_group_limit(self.version, path, limit_bytes)
         except OSError:
             with contextlib.suppress(OSError):
@@ -3152,22 +3142,19 @@ class JobCgroups:
                 os.kill(int(pid), signal.SIGKILL)
 
     def release(self, path):
-        """Take back the group of a reaped child: kept for reuse while it is empty and holds
-        little cache, else removed. A process of it still exiting keeps it busy: killed,
-        and the group is looked at again later (retry_leftover)."""
-        if _read_words(os.path.join(path, "cgroup.procs")):
+        """Remove the group of a reaped child. A process of it still exiting keeps it busy:
+        killed, and the group is tried again later (retry_leftover)."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
             self.kill_all(path)
             if path not in self.leftover:
                 self.leftover.append(path)
             return
         with contextlib.suppress(ValueError):
             self.leftover.remove(path)
-        if (len(self.free) < self.FREE_MAX and os.path.isdir(path)
-                and group_usage_bytes(self.version, path) <= self.REUSE_MAX_BYTES):
-            self.free.append(path)
-            return
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
 
     def retry_leftover(self):
         for path in list(self.leftover):
@@ -3175,7 +3162,7 @@ class JobCgroups:
 
     def close(self, wait_s=1.0):
         """Remove every group left and our directory (the supervisor is leaving)."""
-        self.free, self.leftover = [], []
+        self.leftover = []
         self._remove_tree(self.root, wait_s)
 
     def remove_stale(self):
@@ -4353,7 +4340,7 @@ class ChildPool:
         for fd in (child.from_child, child.to_child):
             os.close(fd)
         if child.group is not None:
-            child.oom_killed = self.kernel_oom(child)   # before its group is reused
+            child.oom_killed = self.kernel_oom(child)   # before its group is removed
             self.cgroups.release(child.group)
         return code
 

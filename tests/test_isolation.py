@@ -100,8 +100,11 @@ def fake_v2(tmp_path, controllers="cpu memory pids"):
     return own
 
 
-def test_v2_prepare_moves_the_supervisor_to_a_leaf_and_delegates_memory(tmp_path):
+def test_v2_prepare_moves_the_supervisor_to_a_leaf_and_delegates_memory(tmp_path, monkeypatch):
     own = fake_v2(tmp_path)
+    removed = []
+    # Plain directories keep their files, where a cgroup's rmdir takes them with it.
+    monkeypatch.setattr(litequeue.os, "rmdir", lambda path: removed.append(path))
     groups = litequeue.JobCgroups.detect(str(tmp_path / "cgroup"), str(tmp_path / "mountinfo"))
     assert groups.version == 2 and groups.own_dir == str(own)
     leaf = own / "litequeue-supervisor"
@@ -109,16 +112,17 @@ def test_v2_prepare_moves_the_supervisor_to_a_leaf_and_delegates_memory(tmp_path
     assert (own / "cgroup.subtree_control").read_text() == "+memory"
     root = own / os.path.basename(groups.root)
     assert (root / "cgroup.subtree_control").read_text() == "+memory"
-    assert groups.free == [str(root / "child-1")]           # made, tried, kept for reuse
+    assert removed == [str(root / "child-1")]                # a group was made and tried
 
     job = groups.create(200 * MiB)
-    assert job == str(root / "child-1")                       # reused
-    assert (root / "child-1" / "memory.max").read_text() == str(200 * MiB)
-    assert (root / "child-1" / "memory.swap.max").read_text() == "0"
-    assert (root / "child-1" / "memory.oom.group").read_text() == "1"
+    assert job == str(root / "child-2")
+    assert (root / "child-2" / "memory.max").read_text() == str(200 * MiB)
+    assert (root / "child-2" / "memory.swap.max").read_text() == "0"
+    assert (root / "child-2" / "memory.oom.group").read_text() == "1"
     litequeue.set_group_limit(2, job, 300 * MiB)
-    assert (root / "child-1" / "memory.max").read_text() == str(300 * MiB)
-    assert groups.create(100 * MiB) == str(root / "child-2")  # none free: a new one
+    assert (root / "child-2" / "memory.max").read_text() == str(300 * MiB)
+    groups.release(job)
+    assert removed[-1] == job                                 # removed with its child
 
 
 def test_v2_a_supervisor_already_in_its_leaf_uses_the_group_above(tmp_path):
@@ -509,9 +513,9 @@ def test_a_spare_child_waits_in_its_group_and_takes_the_next_job(tmp_path, db_pa
     with litequeue.Queue(db_path) as q:
         first = q.enqueue("ok")
     assert settle(db_path, first).result["pid"] == spare_pid     # the spare ran it
-    (next_group, (next_pid,)), = wait_for(
-        lambda: {g: p for g, p in spares().items() if p != [spare_pid]}).items()
-    assert next_pid != spare_pid                                  # a new spare waits
+    wait_for(lambda: not os.path.exists(spare_group))             # and its group went with it
+    (next_group, (next_pid,)), = wait_for(spares).items()         # a new spare waits
+    assert next_pid != spare_pid
     with litequeue.Queue(db_path) as q:
         second = q.enqueue("ok")
     assert settle(db_path, second).result["pid"] == next_pid
