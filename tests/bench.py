@@ -1604,7 +1604,7 @@ def wake_latency(samples):
 def section_psi(bench):
     n = bench.n
     polls_s = (2.0, 10.0)
-    t = Table("3b. PSI wake-ups: a real memory spike to the victim signalled, with and without "
+    t = Table("3c. PSI wake-ups: a real memory spike to the victim signalled, with and without "
               "PSI")
     trigger, said = litequeue.open_pressure_trigger(litequeue.CgroupMemory())
     if trigger is not None:
