@@ -2860,6 +2860,8 @@ class MemoryProbe:
 
 ISOLATION_MODES = ("auto", "cgroup", "rlimit")
 KERNEL_OOM = "memory limit exceeded (kernel)"
+KERNEL_OOM_OUTSIDE = ("killed by the kernel's OOM killer: memory ran out outside the job's "
+                      "cgroup (the machine's, or a group's above the supervisor)")
 CGROUP_PREFIX, SUPERVISOR_LEAF = "litequeue-", "litequeue-supervisor"
 CGROUP_FILES = {          # version: (hard limit, swap limit, usage)
     1: ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.usage_in_bytes"),
@@ -3016,6 +3018,17 @@ def group_oom_counts(version, path, hits=True):
         return 0, 0
 
 
+def oom_verdict(version, before, now_):
+    """How the OOM killer took a process of a job between two (kills, hits) readings of its
+    group: None (it did not), "limit" (at the group's own limit) or "outside" (memory ran
+    out above the group). Pure. v2 counts the hits; v1 says whether the peak reached the
+    limit, whenever that was."""
+    if now_[0] <= before[0]:
+        return None
+    hit = now_[1] > before[1] if version == 2 else now_[1] > 0
+    return "limit" if hit else "outside"
+
+
 def mmap_page_bytes():
     return os.sysconf("SC_PAGE_SIZE")
 
@@ -3070,10 +3083,32 @@ class JobCgroups:
             if self.version == 2:
                 self._delegate_below(self.own_dir, move_self=True)
             self._make_root()
-            self.release(self.create(64 * MiB))
+            probe = self.create(64 * MiB)
+            try:
+                self._try_joining(probe)
+            finally:
+                self.release(probe)
         except OSError as exc:
             self.close()
             raise CgroupUnusable(self._explain(exc)) from None
+
+    @staticmethod
+    def _try_joining(path):
+        """A process forked into the group, as each child will be: where groups can be made
+        but processes not moved (v1 delegated with another owner for `tasks`), every job
+        would fail; better to know at start. Raises OSError as the move did."""
+        pid = os.fork()
+        if pid == 0:                       # only system calls here: a forked copy
+            try:
+                join_group(path)
+                os._exit(0)
+            except OSError as exc:
+                os._exit(min(exc.errno or 1, 255))
+            finally:
+                os._exit(1)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            raise OSError(code, os.strerror(code), os.path.join(path, "cgroup.procs"))
 
     def _make_root(self):
         os.mkdir(self.root, 0o755)
@@ -3357,8 +3392,10 @@ class _ChildGroup:
             set_group_limit(self.version, self.path, base + limit_bytes)
             self.limit_bytes, self.base_bytes = limit_bytes, base
 
-    def oom_kills(self):
-        return group_oom_counts(self.version, self.path, hits=False)[0]
+    def oom_killed(self, kills_before, hits_before):
+        """Since those counts: None, "limit" or "outside" (see ChildPool.kernel_oom)."""
+        kills, hits = group_oom_counts(self.version, self.path)
+        return oom_verdict(self.version, (kills_before, hits_before), (kills, hits))
 
 
 def _redirect_output(output_dir, job, streams):
@@ -3714,9 +3751,13 @@ def _run_job(job, spec, link, signals, memory_limit_bytes, streams, group=None):
         output_problem = output_problem or f"job output not written: {name}: {exc.strerror}"
     if output_problem:
         error = f"{error.rstrip()}\n({output_problem})"
-    if group is not None and group.oom_kills() > kills:
+    if group is not None:
         # A program of the job was OOM-killed in its group, and the job failed of it
-        error = f"{KERNEL_OOM}: the kernel killed a process of the job\n{error}"
+        killed = group.oom_killed(kills, hits)
+        if killed == "limit":
+            error = f"{KERNEL_OOM}: the kernel killed a process of the job\n{error}"
+        elif killed == "outside":
+            error = f"{KERNEL_OOM_OUTSIDE}: a process of the job\n{error}"
     link.say(SAY_FAILED, job.id, kind, json.dumps(_clipped(error.rstrip())).encode())
     return False, None
 
@@ -4352,12 +4393,9 @@ class ChildPool:
             return None
         run = child.current
         base = run.oom_base if run is not None and run.oom_base is not None else child.oom_base
-        kills, hits = self.cgroups.oom_counts(child.group)
-        if kills <= base[0]:
-            return None
-        # (v2 counts the hits; v1 says whether the group's peak reached its limit)
-        hit = hits > base[1] if self.cgroups.version == 2 else hits > 0
-        return "limit" if hit else "outside"
+        if run is not None and run.oom_base is None and child.handed > 1:
+            return None      # a pooled child's next job, not started: the kills are older
+        return oom_verdict(self.cgroups.version, base, self.cgroups.oom_counts(child.group))
 
     def busy(self):
         """How many children have a job (a slot each)."""
@@ -4456,7 +4494,8 @@ class _Dispatch:
                 child = idle.pop(0)
                 spare = not child.handed
                 self.pool.hand(child, run)
-                if spare:                 # a fresh child as a fork would be: said alike
+                if spare:                 # a fresh child as a fork would be: said alike,
+                    run.forked = True     # and charged alike if it dies before it starts
                     _log_start(run)
                 continue
             try:
@@ -4735,17 +4774,19 @@ class Supervisor:
 
     def _blame_kernel_oom(self, run, how):
         """The kernel's OOM killer took a process of run's job (how: see ChildPool.
-        kernel_oom): the job failed for memory (unless it was being cancelled, or had
-        already said how it ended: its child then told the kill itself)."""
+        kernel_oom). At its own group's limit, the job failed for memory (unless it was
+        being cancelled). Memory running out outside its group is not the job's fault: it
+        goes back to the queue as after an emergency kill (charged only if it saved no
+        checkpoint), and a stop already decided keeps its reason. A job that reported how
+        it ended told the kill itself."""
         if run.stop_reason == STOP_CANCEL or run.reported is not None:
             return
         if how == "limit":
-            detail = (f"{KERNEL_OOM}: its cgroup reached the "
-                      f"{format_bytes(run.memory_limit_bytes)} limit")
-        else:
-            detail = ("killed by the kernel's OOM killer: memory ran out outside the job's "
-                      "cgroup (the machine's, or a group's above the supervisor)")
-        run.stop_reason, run.detail = STOP_MEMORY, detail
+            run.stop_reason, run.detail = STOP_MEMORY, (
+                f"{KERNEL_OOM}: its cgroup reached the {format_bytes(run.memory_limit_bytes)} "
+                f"limit")
+        elif run.stop_reason is None:
+            run.stop_reason, run.detail = STOP_EMERGENCY, KERNEL_OOM_OUTSIDE
 
     def _end(self, run, *, current, exit_code):
         if run.reported is not None and run.child is not None:

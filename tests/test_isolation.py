@@ -602,3 +602,47 @@ def test_a_pooled_childs_next_job_is_not_blamed_for_an_earlier_kill(tmp_path, db
     ended = settle(db_path, second)
     assert (ended.state, ended.attempts) == ("done", 1), ended.error
     assert server.terminate() == 0
+
+
+@pytest.mark.parametrize("version, before, now, expected", [
+    (2, (3, 1), (3, 1), None),             # no kill since
+    (2, (3, 1), (4, 2), "limit"),          # killed, and the group hit its own limit
+    (2, (3, 1), (4, 1), "outside"),        # killed, the group never hit its limit
+    (1, (3, 0), (4, 1), "limit"),          # v1: the group's peak reached its limit
+    (1, (3, 0), (4, 0), "outside"),
+    (1, (0, 0), (0, 1), None),             # at its limit, nothing killed (cache reclaimed)
+])
+def test_oom_verdict(version, before, now, expected):
+    assert litequeue.oom_verdict(version, before, now) == expected
+
+
+def test_a_kill_outside_the_jobs_group_requeues_it_as_an_emergency_would(queue):
+    """The machine (or the unit's MemoryMax) ran out, and the OOM killer took a job that
+    was within its own limit: not the job's failure, not its breaker's."""
+    queue.enqueue("echo")
+    sup = litequeue.Supervisor(queue, isolation=litequeue.Isolation("rlimit", "test"))
+    (job,) = queue.claim("w")
+    run = litequeue._Run(job, None, 64 * MiB, 0.0)
+    run.started_tick = 0.0
+    sup._blame_kernel_oom(run, "outside")
+    sup._end(run, current=True, exit_code=-9)
+    # requeued (a breaker counts failures only), charged as it saved no checkpoint
+    assert run.ending.state == litequeue.ENDING_REQUEUED
+    assert run.ending.charge and run.ending.preempted
+    assert "memory ran out outside the job's cgroup" in run.ending.reason
+    limit = litequeue._Run(job, None, 64 * MiB, 0.0)
+    sup._blame_kernel_oom(limit, "limit")
+    sup._end(limit, current=True, exit_code=-9)
+    assert limit.ending.state == litequeue.ENDING_FAILED and limit.ending.breaker_failure
+    assert limit.ending.reason.startswith("memory limit exceeded (kernel): its cgroup reached")
+
+
+@needs_v1
+def test_groups_that_can_be_made_but_not_joined_are_found_at_start(monkeypatch):
+    def refused(path):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(litequeue, "join_group", refused)      # what the forked probe runs
+    with pytest.raises(litequeue.CgroupUnusable, match=r"cannot make cgroups below .*: "
+                                                       r"Permission denied"):
+        litequeue.JobCgroups.detect()
+    assert not [name for name in os.listdir(V1) if name.startswith(f"litequeue-{os.getpid()}-")]
