@@ -4589,6 +4589,7 @@ class Supervisor:
         self._data_version = None
         self._quiet_until_tick = 0.0     # after a failed write: sleep a poll, deaf to writes
         self._unchecked_write = False     # another process wrote: cancels not yet looked at
+        self._drained = False             # the last claim found fewer jobs than it wanted
         self.dispatch = _Dispatch(self.pool, self.options, self._runs)
         self.notifier = notifier if notifier is not None else \
             _SystemdNotifier.from_environ(os.environ)
@@ -4733,9 +4734,11 @@ class Supervisor:
             self._apply_cancels(tick)
         if self._stopping:
             self._shut_down(tick)
-        wanted = self.dispatch.wanted(tick, self._stopping) if (written or polled or freed) else 0
+        wanted = self._wanted(tick, at, written, polled, freed)
         # act
         claimed = self._commit(at, wanted)
+        if wanted:
+            self._drained = len(claimed) < wanted
         if claimed:
             self._prepare_output()
         self.dispatch.hand_out(claimed, tick)
@@ -4938,6 +4941,20 @@ class Supervisor:
             elif run.job.timeout_s is not None and run.stop_reason is None:
                 ticks.append(run.started_tick + run.job.timeout_s)
         return min(ticks, default=math.inf)
+
+    def _wanted(self, tick, at, written, polled, freed):
+        """How many jobs to claim now. After a claim that found fewer than it wanted, with
+        nothing written or freed since, only time passing can have made a job claimable (a
+        delay, a retry's backoff, a breaker's cooldown): a read says whether, before a write
+        transaction that would claim nothing. Without it a supervisor with a free slot and
+        nothing to do took the write lock at every poll (4 times a second)."""
+        if not (written or polled or freed):
+            return 0
+        wanted = self.dispatch.wanted(tick, self._stopping)
+        if (wanted and self._drained and not (written or freed)
+                and not self.queue.has_due(tasks=self.tasks, at=at)):
+            return 0
+        return wanted
 
     def _enforce_limits(self, tick):
         """Per-job memory limit, start deadline, timeout and output limit; SIGKILL for a stop

@@ -884,3 +884,37 @@ def test_sigterm_with_a_long_poll_still_gives_a_job_its_grace(tmp_path, db_path,
     assert job.checkpoint["i"] > saved                      # it saved once more, and stopped
     back = [e for e in events_of(db_path, job_id) if e["to_state"] == "queued"]
     assert "no checkpoint within the grace" not in back[-1]["reason"], back[-1]
+
+
+def test_an_idle_supervisor_takes_no_write_lock_to_claim_nothing(queue, db_path):
+    """A free slot and nothing due: after one claim that found nothing, the loop reads
+    whether anything became due before it claims (a write transaction) again; a delayed
+    job is still claimed once it is due, by time alone."""
+    queue.task(lambda ctx: None, name="echo")
+    sup = litequeue.Supervisor(queue, poll=0.01, isolation=litequeue.Isolation("rlimit", "test"))
+    sup.register()
+    claims = []
+    record_runs = queue.record_runs
+
+    def counting(owner, records, **kwargs):
+        claims.extend(kwargs.get("claims") or [])
+        return record_runs(owner, records, **kwargs)
+
+    queue.record_runs = counting
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 0.5:         # ~50 polls
+            sup.step()
+            time.sleep(0.01)
+        assert len(claims) <= 1, claims
+        with litequeue.Queue(db_path) as producer:        # another process's write
+            job_id = producer.enqueue("echo", delay=0.3)
+        before = len(claims)
+        deadline = time.monotonic() + 10
+        while get(db_path, job_id).state == "queued" and time.monotonic() < deadline:
+            sup.step()
+            time.sleep(0.01)
+        assert get(db_path, job_id).state != "queued"     # claimed once due
+        assert len(claims) - before <= 3, claims         # the write, then when due
+    finally:
+        sup.abandon_children()
