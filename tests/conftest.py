@@ -1,6 +1,7 @@
 """Shared fixtures: a queue on a real file in tmp_path, and the real CLI as a subprocess."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,13 @@ def run_cli(*args, db=None, env=None, timeout=60, cwd=None, input=None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=cwd, input=input)
+
+
+def status_json(db):
+    """`status --json` as the CLI prints it, parsed."""
+    result = run_cli("status", "--json", db=db)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def start_serve(*args, db, cwd=None, env=None):

@@ -6,7 +6,6 @@ is real: supervisors run as `python litequeue.py serve` inside a v1 memory cgrou
 each test below the test's own, their jobs in groups of their own, the kernel enforcing the
 limits."""
 
-import json
 import os
 import random
 import re
@@ -19,7 +18,7 @@ import psutil
 import pytest
 
 import litequeue
-from conftest import SCRIPT, run_cli, wait_for, write_app
+from conftest import SCRIPT, status_json, wait_for, write_app
 
 MiB = 1 << 20
 FAST = ("--poll", "0.05", "--grace", "2", "--hold", "1")
@@ -317,12 +316,6 @@ APP = """
         with open("/proc/self/cgroup") as f:
             return {"cgroup": [l for l in f.read().splitlines() if ":memory:" in l][0]}
 """
-
-
-def status_json(db):
-    result = run_cli("status", "--json", db=db)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def job(db, job_id):

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import litequeue
-from conftest import SCRIPT, run_cli, wait_for, write_app
+from conftest import SCRIPT, run_cli, status_json, wait_for, write_app
 
 
 @pytest.fixture
@@ -29,12 +29,6 @@ def serve(db_path, tmp_path):
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=30)
-
-
-def status_json(db_path):
-    result = run_cli("status", "--json", db=db_path)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_status_and_jobs_show_give_a_running_jobs_pid(db_path, serve):
